@@ -1,0 +1,76 @@
+# Mambex build. `mix compile` runs this through the in-repo compiler in
+# mix.exs (which passes ERTS_INCLUDE_DIR); it also works on its own.
+#
+#   make                 build priv/mambex_nif.so (+ priv/mambex_cuda.so when nvcc is found)
+#   make demo            install what is missing, build, run the demo
+#   make test            install what is missing, build, run the tests
+#   MAMBEX_NVCC=0 make   skip the CUDA backend; MAMBEX_NVCC=/path/to/nvcc to choose one
+#   CUDA_ARCH=sm_90      the GPU architecture to build for
+
+PRIV := priv
+ERTS_INCLUDE_DIR ?= $(shell erl -noshell -eval 'io:format("~ts/erts-~ts/include", [code:root_dir(), erlang:system_info(version)]), halt().' 2>/dev/null)
+
+CC ?= cc
+CFLAGS ?= -O3 -march=x86-64-v2
+CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -pthread -Wall -Wextra -Werror=implicit-function-declaration \
+          -fvisibility=hidden -I$(ERTS_INCLUDE_DIR)
+LDFLAGS += -shared -pthread
+LDLIBS += -ldl -lm
+
+# nvcc: MAMBEX_NVCC=0 disables, a path forces one, unset means auto-detect.
+ifeq ($(MAMBEX_NVCC),0)
+NVCC :=
+else ifneq ($(MAMBEX_NVCC),)
+NVCC := $(MAMBEX_NVCC)
+else
+NVCC := $(shell command -v nvcc 2>/dev/null || ( [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc ))
+endif
+CUDA_ARCH ?= sm_90
+NVCCFLAGS ?= -O3 -std=c++17 -arch=$(CUDA_ARCH) -lineinfo
+NVCCFLAGS += -Xcompiler -fPIC,-Wall,-Wextra,-fvisibility=hidden -shared -cudart static
+
+NIF_SRC := $(wildcard c_src/nif/*.c c_src/core/*.c c_src/cpu/*.c)
+NIF_HDR := $(wildcard c_src/nif/*.h c_src/core/*.h c_src/cpu/*.h)
+CUDA_SRC := $(wildcard c_src/cuda/*.cu)
+CUDA_HDR := $(wildcard c_src/cuda/*.h c_src/cuda/*.cuh) c_src/core/backend.h c_src/core/numeric.h
+
+TARGETS := $(PRIV)/mambex_nif.so
+ifneq ($(NVCC),)
+ifneq ($(CUDA_SRC),)
+TARGETS += $(PRIV)/mambex_cuda.so
+endif
+endif
+
+.PHONY: all clean demo test deps
+all: $(TARGETS)
+
+# Outputs are built under a temporary name and renamed into place, so a
+# loaded object is never overwritten in place.
+$(PRIV)/mambex_nif.so: $(NIF_SRC) $(NIF_HDR) Makefile
+	@mkdir -p $(PRIV)
+	@test -n "$(ERTS_INCLUDE_DIR)" || { echo "ERTS_INCLUDE_DIR not found: install erlang-dev"; exit 1; }
+	$(CC) $(CFLAGS) $(NIF_SRC) -o $@.tmp $(LDFLAGS) $(LDLIBS)
+	mv -f $@.tmp $@
+
+$(PRIV)/mambex_cuda.so: $(CUDA_SRC) $(CUDA_HDR) Makefile
+	@mkdir -p $(PRIV)
+	$(NVCC) $(NVCCFLAGS) $(CUDA_SRC) -o $@.tmp -lpthread
+	mv -f $@.tmp $@
+
+clean:
+	rm -f $(PRIV)/*.so $(PRIV)/*.tmp
+	rm -rf _build
+
+# Install Erlang/Elixir from Debian packages when missing (needs root or sudo).
+deps:
+	@if ! command -v mix >/dev/null 2>&1 || [ ! -f /usr/lib/erlang/usr/include/erl_nif.h ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    elixir erlang-dev erlang-eunit erlang-tools make gcc; \
+	fi
+
+demo: deps
+	mix run bench/demo.exs
+
+test: deps
+	mix test

@@ -1,0 +1,399 @@
+/*
+ * cpu_backend.c: the C11 CPU backend, the default wherever no GPU answers.
+ *
+ * Every op runs at once on the calling thread (the NIF moves long ones to a
+ * dirty CPU scheduler), so the "device queue" is simply program order and
+ * sync is a no-op. Arithmetic follows backend.h: fp32 for f32/bf16/f16, fp64
+ * for f64, int64 for integer types, and the same rounding helpers as the
+ * CUDA backend (numeric.h), so both produce the same bits wherever the
+ * operations are exactly rounded.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/backend.h"
+#include "../core/numeric.h"
+
+/* ---- element access in the compute class of each dtype ---------------- */
+
+static inline float ld_f(int dt, const void *p, size_t i) {
+  switch (dt) {
+    case MX_F32: return ((const float *)p)[i];
+    case MX_BF16: return mx_bf16_to_f32(((const uint16_t *)p)[i]);
+    case MX_F16: return mx_f16_to_f32(((const uint16_t *)p)[i]);
+    default: return 0.0f;
+  }
+}
+
+static inline void st_f(int dt, void *p, size_t i, float v) {
+  switch (dt) {
+    case MX_F32: ((float *)p)[i] = v; break;
+    case MX_BF16: ((uint16_t *)p)[i] = mx_f32_to_bf16(v); break;
+    case MX_F16: ((uint16_t *)p)[i] = mx_f32_to_f16(v); break;
+    default: break;
+  }
+}
+
+static inline int64_t ld_i(int dt, const void *p, size_t i) {
+  switch (dt) {
+    case MX_S32: return ((const int32_t *)p)[i];
+    case MX_S64: return ((const int64_t *)p)[i];
+    case MX_U8: return ((const uint8_t *)p)[i];
+    default: return 0;
+  }
+}
+
+static inline void st_i(int dt, void *p, size_t i, int64_t v) {
+  switch (dt) {
+    case MX_S32: ((int32_t *)p)[i] = (int32_t)(uint32_t)(uint64_t)v; break;
+    case MX_S64: ((int64_t *)p)[i] = v; break;
+    case MX_U8: ((uint8_t *)p)[i] = (uint8_t)(uint64_t)v; break;
+    default: break;
+  }
+}
+
+/* Any dtype through double (casts, creation). */
+static inline double ld_d(int dt, const void *p, size_t i) {
+  if (dt == MX_F64) return ((const double *)p)[i];
+  if (mx_dtype_is_float(dt)) return (double)ld_f(dt, p, i);
+  return (double)ld_i(dt, p, i);
+}
+
+static inline int64_t double_to_int(double v) {
+  if (v != v) return 0;
+  if (v >= 9.2233720368547758e18) return INT64_MAX;
+  if (v <= -9.2233720368547758e18) return INT64_MIN;
+  return (int64_t)v;
+}
+
+static inline void st_d(int dt, void *p, size_t i, double v) {
+  if (dt == MX_F64) ((double *)p)[i] = v;
+  else if (mx_dtype_is_float(dt)) st_f(dt, p, i, (float)v);
+  else st_i(dt, p, i, double_to_int(v));
+}
+
+static int arg_error(mx_err *err, const char *msg) {
+  err->kind = MX_E_ARG;
+  snprintf(err->msg, sizeof err->msg, "%s", msg);
+  return MX_E_ARG;
+}
+
+/* ---- runtime ----------------------------------------------------------- */
+
+static int cpu_device_count(mx_err *err) {
+  err->kind = MX_OK;
+  return 1;
+}
+
+static int cpu_device_name(int dev, char *buf, size_t len, mx_err *err) {
+  (void)dev;
+  (void)err;
+  snprintf(buf, len, "cpu");
+  return MX_OK;
+}
+
+static int cpu_alloc(int dev, size_t nbytes, void **out, mx_err *err) {
+  (void)dev;
+  /* 64-byte alignment for vector loads; aligned_alloc wants a multiple. */
+  size_t rounded = (nbytes + 63) & ~(size_t)63;
+  if (rounded < nbytes) rounded = 0;
+  void *p = rounded ? aligned_alloc(64, rounded) : aligned_alloc(64, 64);
+  if (!p || (nbytes && !rounded)) {
+    free(p);
+    err->kind = MX_E_OOM;
+    snprintf(err->msg, sizeof err->msg, "aligned_alloc: out of host memory (%zu bytes)", nbytes);
+    return MX_E_OOM;
+  }
+  *out = p;
+  return MX_OK;
+}
+
+static void cpu_free_async(int dev, void *ptr) {
+  (void)dev;
+  free(ptr);
+}
+
+static int cpu_copy(int dev, void *dst, const void *src, size_t nbytes, mx_err *err) {
+  (void)dev;
+  (void)err;
+  if (nbytes) memcpy(dst, src, nbytes);
+  return MX_OK;
+}
+
+static int cpu_copy2d(int dev, void *dst, size_t dpitch, const void *src, size_t spitch,
+                      size_t width, size_t height, mx_err *err) {
+  (void)dev;
+  (void)err;
+  for (size_t r = 0; r < height; r++)
+    memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
+  return MX_OK;
+}
+
+static int cpu_sync(int dev, mx_err *err) {
+  (void)dev;
+  (void)err;
+  return MX_OK;
+}
+
+/* ---- creation ---------------------------------------------------------- */
+
+static int cpu_fill(int dev, int dt, void *dst, size_t n, double value, mx_err *err) {
+  (void)dev;
+  (void)err;
+  if (dt == MX_F32) {
+    float v = (float)value;
+    float *y = dst;
+    for (size_t i = 0; i < n; i++) y[i] = v;
+    return MX_OK;
+  }
+  for (size_t i = 0; i < n; i++) st_d(dt, dst, i, value);
+  return MX_OK;
+}
+
+static int cpu_iota(int dev, int dt, void *dst, size_t outer, size_t dim, size_t inner,
+                    mx_err *err) {
+  (void)dev;
+  (void)err;
+  size_t n = outer * dim * inner;
+  for (size_t i = 0; i < n; i++) st_d(dt, dst, i, (double)((i / inner) % dim));
+  return MX_OK;
+}
+
+static int cpu_random(int dev, int dt, void *dst, size_t n, uint64_t seed, int dist,
+                      double a, double b, mx_err *err) {
+  (void)dev;
+  for (size_t i = 0; i < n; i++) {
+    double v;
+    if (dist == MX_UNIFORM) {
+      v = a + (b - a) * mx_rand_unit(seed, i);
+    } else if (dist == MX_NORMAL) {
+      double u1 = 1.0 - mx_rand_unit(seed, 2 * (uint64_t)i);
+      double u2 = mx_rand_unit(seed, 2 * (uint64_t)i + 1);
+      v = a + b * (sqrt(-2.0 * log(u1)) * cos(MX_TWO_PI * u2));
+    } else {
+      return arg_error(err, "random: unknown distribution");
+    }
+    if (mx_dtype_is_float(dt)) st_d(dt, dst, i, v);
+    else st_i(dt, dst, i, double_to_int(floor(v)));
+  }
+  return MX_OK;
+}
+
+/* ---- elementwise ------------------------------------------------------- */
+
+static int cpu_cast(int dev, int sdt, const void *src, int ddt, void *dst, size_t n,
+                    mx_err *err) {
+  (void)dev;
+  (void)err;
+  if (sdt == ddt) {
+    memcpy(dst, src, n * mx_dtype_size(sdt));
+    return MX_OK;
+  }
+  for (size_t i = 0; i < n; i++) st_d(ddt, dst, i, ld_d(sdt, src, i));
+  return MX_OK;
+}
+
+static int cpu_unary(int dev, int op, int dt, const void *x, void *y, size_t n, mx_err *err) {
+  (void)dev;
+  if (dt == MX_F64) {
+    const double *a = x;
+    double *o = y;
+    for (size_t i = 0; i < n; i++) {
+      double v = a[i];
+      o[i] = op == MX_NEG ? -v : op == MX_EXP ? exp(v) : op == MX_LOG ? log(v) : sqrt(v);
+    }
+  } else if (mx_dtype_is_float(dt)) {
+    for (size_t i = 0; i < n; i++) {
+      float v = ld_f(dt, x, i);
+      st_f(dt, y, i,
+           op == MX_NEG ? -v : op == MX_EXP ? expf(v) : op == MX_LOG ? logf(v) : sqrtf(v));
+    }
+  } else {
+    if (op != MX_NEG) return arg_error(err, "unary: exp, log and sqrt need a float type");
+    for (size_t i = 0; i < n; i++) st_i(dt, y, i, (int64_t)(0 - (uint64_t)ld_i(dt, x, i)));
+  }
+  return MX_OK;
+}
+
+#define MX_BINOP(op, a, b)                                                        \
+  ((op) == MX_ADD ? (a) + (b) : (op) == MX_SUB ? (a) - (b) : (op) == MX_MUL ? (a) * (b) \
+   : (op) == MX_DIV ? (a) / (b) : (op) == MX_RSUB ? (b) - (a) : (b) / (a))
+
+static inline float bin_f(int op, float a, float b) {
+  if (op == MX_MAXIMUM) return (a != a || b != b) ? NAN : (a > b ? a : b);
+  if (op == MX_MINIMUM) return (a != a || b != b) ? NAN : (a < b ? a : b);
+  return MX_BINOP(op, a, b);
+}
+
+static inline double bin_d(int op, double a, double b) {
+  if (op == MX_MAXIMUM) return (a != a || b != b) ? NAN : (a > b ? a : b);
+  if (op == MX_MINIMUM) return (a != a || b != b) ? NAN : (a < b ? a : b);
+  return MX_BINOP(op, a, b);
+}
+
+static inline int64_t bin_i(int op, int64_t a, int64_t b) {
+  uint64_t ua = (uint64_t)a, ub = (uint64_t)b;
+  switch (op) {
+    case MX_ADD: return (int64_t)(ua + ub);
+    case MX_SUB: return (int64_t)(ua - ub);
+    case MX_RSUB: return (int64_t)(ub - ua);
+    case MX_MUL: return (int64_t)(ua * ub);
+    case MX_DIV: return (b == 0 || (a == INT64_MIN && b == -1)) ? 0 : a / b;
+    case MX_RDIV: return (a == 0 || (b == INT64_MIN && a == -1)) ? 0 : b / a;
+    case MX_MAXIMUM: return a > b ? a : b;
+    default: return a < b ? a : b;
+  }
+}
+
+static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, double scalar,
+                      int bmode, size_t n, size_t bn, void *out, mx_err *err) {
+  (void)dev;
+  if (bmode == MX_B_TRAILING && bn == 0 && n != 0)
+    return arg_error(err, "binary: trailing operand is empty");
+  if (dt == MX_F32 && bmode == MX_B_SAME && op <= MX_DIV) {
+    const float *x = a, *z = b;
+    float *o = out;
+    switch (op) {
+      case MX_ADD: for (size_t i = 0; i < n; i++) o[i] = x[i] + z[i]; break;
+      case MX_SUB: for (size_t i = 0; i < n; i++) o[i] = x[i] - z[i]; break;
+      case MX_MUL: for (size_t i = 0; i < n; i++) o[i] = x[i] * z[i]; break;
+      default: for (size_t i = 0; i < n; i++) o[i] = x[i] / z[i]; break;
+    }
+    return MX_OK;
+  }
+  if (dt == MX_F64) {
+    const double *x = a, *z = b;
+    double *o = out;
+    for (size_t i = 0; i < n; i++) {
+      double bv = bmode == MX_B_SCALAR ? scalar : z[bmode == MX_B_SAME ? i : i % bn];
+      o[i] = bin_d(op, x[i], bv);
+    }
+  } else if (mx_dtype_is_float(dt)) {
+    float s = (float)scalar;
+    for (size_t i = 0; i < n; i++) {
+      float bv = bmode == MX_B_SCALAR ? s : ld_f(dt, b, bmode == MX_B_SAME ? i : i % bn);
+      st_f(dt, out, i, bin_f(op, ld_f(dt, a, i), bv));
+    }
+  } else {
+    int64_t s = double_to_int(scalar);
+    for (size_t i = 0; i < n; i++) {
+      int64_t bv = bmode == MX_B_SCALAR ? s : ld_i(dt, b, bmode == MX_B_SAME ? i : i % bn);
+      st_i(dt, out, i, bin_i(op, ld_i(dt, a, i), bv));
+    }
+  }
+  return MX_OK;
+}
+
+static int cpu_axpy(int dev, int dt, double alpha, const void *x, const void *y, void *out,
+                    size_t n, mx_err *err) {
+  (void)dev;
+  (void)err;
+  if (dt == MX_F64) {
+    const double *a = x, *b = y;
+    double *o = out;
+    for (size_t i = 0; i < n; i++) o[i] = alpha * a[i] + b[i];
+  } else if (mx_dtype_is_float(dt)) {
+    float al = (float)alpha;
+    for (size_t i = 0; i < n; i++) st_f(dt, out, i, al * ld_f(dt, x, i) + ld_f(dt, y, i));
+  } else {
+    int64_t al = double_to_int(alpha);
+    for (size_t i = 0; i < n; i++)
+      st_i(dt, out, i, (int64_t)((uint64_t)al * (uint64_t)ld_i(dt, x, i) + (uint64_t)ld_i(dt, y, i)));
+  }
+  return MX_OK;
+}
+
+/* ---- reductions and permutes ------------------------------------------- */
+
+static int cpu_reduce(int dev, int op, int dt, const void *x, void *out, size_t outer,
+                      size_t dim, size_t inner, mx_err *err) {
+  (void)dev;
+  if (dim == 0) return arg_error(err, "reduce: empty axis");
+  for (size_t o = 0; o < outer; o++) {
+    for (size_t in = 0; in < inner; in++) {
+      size_t base = o * dim * inner + in;
+      size_t dst = o * inner + in;
+      if (dt == MX_F64) {
+        double acc = ((const double *)x)[base];
+        for (size_t k = 1; k < dim; k++) {
+          double v = ((const double *)x)[base + k * inner];
+          acc = op == MX_RMAX ? ((acc != acc || v != v) ? NAN : (v > acc ? v : acc)) : acc + v;
+        }
+        ((double *)out)[dst] = op == MX_MEAN ? acc / (double)dim : acc;
+      } else if (mx_dtype_is_float(dt)) {
+        float acc = ld_f(dt, x, base);
+        for (size_t k = 1; k < dim; k++) {
+          float v = ld_f(dt, x, base + k * inner);
+          acc = op == MX_RMAX ? ((acc != acc || v != v) ? NAN : (v > acc ? v : acc)) : acc + v;
+        }
+        st_f(dt, out, dst, op == MX_MEAN ? acc / (float)dim : acc);
+      } else {
+        int64_t acc = ld_i(dt, x, base);
+        for (size_t k = 1; k < dim; k++) {
+          int64_t v = ld_i(dt, x, base + k * inner);
+          acc = op == MX_RMAX ? (v > acc ? v : acc) : (int64_t)((uint64_t)acc + (uint64_t)v);
+        }
+        st_i(dt, out, dst, op == MX_MEAN ? acc / (int64_t)dim : acc);
+      }
+    }
+  }
+  return MX_OK;
+}
+
+static int cpu_permute(int dev, size_t elsize, const void *x, void *out, int rank,
+                       const int64_t *x_shape, const int *perm, mx_err *err) {
+  (void)dev;
+  if (rank < 0 || rank > MX_MAX_RANK) return arg_error(err, "permute: rank out of range");
+  int64_t x_stride[MX_MAX_RANK], out_shape[MX_MAX_RANK], src_stride[MX_MAX_RANK];
+  int64_t n = 1;
+  for (int k = rank - 1; k >= 0; k--) {
+    x_stride[k] = n;
+    n *= x_shape[k];
+  }
+  for (int k = 0; k < rank; k++) {
+    out_shape[k] = x_shape[perm[k]];
+    src_stride[k] = x_stride[perm[k]];
+  }
+  int64_t idx[MX_MAX_RANK] = {0};
+  int64_t src = 0;
+  const char *in = x;
+  char *o = out;
+  for (int64_t i = 0; i < n; i++) {
+    memcpy(o + (size_t)i * elsize, in + (size_t)src * elsize, elsize);
+    /* advance the output coordinate like an odometer */
+    for (int k = rank - 1; k >= 0; k--) {
+      idx[k]++;
+      src += src_stride[k];
+      if (idx[k] < out_shape[k]) break;
+      src -= src_stride[k] * out_shape[k];
+      idx[k] = 0;
+    }
+  }
+  return MX_OK;
+}
+
+static const mx_backend cpu_backend = {
+    .abi = MX_BACKEND_ABI,
+    .name = "cpu",
+    .device_count = cpu_device_count,
+    .device_name = cpu_device_name,
+    .alloc = cpu_alloc,
+    .free_async = cpu_free_async,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .copy2d = cpu_copy2d,
+    .sync = cpu_sync,
+    .fill = cpu_fill,
+    .iota = cpu_iota,
+    .random = cpu_random,
+    .cast = cpu_cast,
+    .unary = cpu_unary,
+    .binary = cpu_binary,
+    .axpy = cpu_axpy,
+    .reduce = cpu_reduce,
+    .permute = cpu_permute,
+};
+
+const mx_backend *mx_cpu_backend(void) { return &cpu_backend; }

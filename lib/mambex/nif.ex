@@ -1,0 +1,47 @@
+defmodule Mambex.NIF do
+  @moduledoc false
+  # Stubs for the C NIF (c_src/nif/mambex_nif.c). The NIF raises
+  # ArgumentError for misuse and Mambex.Error for runtime failures itself.
+  # Public code goes through Mambex.Tensor, Mambex.Ops and Mambex.
+
+  @on_load :load_nif
+
+  def load_nif do
+    priv =
+      case :code.priv_dir(:mambex) do
+        {:error, _} -> Path.expand("../../priv", __DIR__)
+        dir -> List.to_string(dir)
+      end
+
+    case :erlang.load_nif(String.to_charlist(Path.join(priv, "mambex_nif")), priv) do
+      :ok -> :ok
+      {:error, {:reload, _}} -> :ok
+      {:error, reason} -> {:error, reason}
+    end
+  end
+
+  defp nif_error, do: :erlang.nif_error(:mambex_nif_not_loaded)
+
+  def backend_info, do: nif_error()
+  def device_name(_device), do: nif_error()
+  def sync(_device), do: nif_error()
+  def memory_stats(_device), do: nif_error()
+  def reset_peak(_device), do: nif_error()
+  def from_binary(_data, _type, _shape, _device), do: nif_error()
+  def to_binary(_tensor, _limit), do: nif_error()
+  def to_device(_tensor, _device), do: nif_error()
+  def free(_tensor), do: nif_error()
+  def live?(_tensor), do: nif_error()
+  def fill(_shape, _type, _device, _value), do: nif_error()
+  def iota(_shape, _type, _device, _axis), do: nif_error()
+  def random(_shape, _type, _device, _seed, _dist, _a, _b), do: nif_error()
+  def reshape(_tensor, _shape), do: nif_error()
+  def slice(_tensor, _axis, _start, _len), do: nif_error()
+  def concatenate(_tensors, _axis), do: nif_error()
+  def permute(_tensor, _axes), do: nif_error()
+  def cast(_tensor, _type), do: nif_error()
+  def unary(_op, _tensor), do: nif_error()
+  def binary(_op, _a, _b), do: nif_error()
+  def axpy(_alpha, _x, _y), do: nif_error()
+  def reduce(_op, _tensor, _axis), do: nif_error()
+end
