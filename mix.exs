@@ -53,7 +53,8 @@ defmodule Mambex.MixProject do
       start_permanent: Mix.env() == :prod,
       compilers: [:mambex_native] ++ Mix.compilers(),
       deps: [],
-      test_paths: ["test"],
+      # `MAMBEX_BENCH=1 mix test` runs the benchmarks in bench/ instead of the tests.
+      test_paths: if(System.get_env("MAMBEX_BENCH") in [nil, "", "0"], do: ["test"], else: ["bench"]),
       docs: [main: "readme"]
     ]
   end

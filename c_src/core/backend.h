@@ -90,6 +90,38 @@ typedef enum { MX_SUM = 0, MX_MEAN = 1, MX_RMAX = 2 } mx_reduce_op;
 
 typedef enum { MX_UNIFORM = 0, MX_NORMAL = 1 } mx_dist;
 
+/* The Mamba-1 selective scan (see Mambex.Scan for the semantics).
+ * Shapes: B batch, L length, D channels, N states, G groups (D % G == 0,
+ * channel d reads group d / (D / G)). `io` is the dtype of u, delta, z, B, C,
+ * out and their gradients; `param` the dtype of A, D, delta_bias, the states
+ * and their gradients. The CPU backend takes io == param in {f32, f64}; the
+ * CUDA backend takes param f32 and io in {f32, bf16, f16}. */
+typedef struct {
+  int64_t batch, len, dim, dstate, groups;
+  int io, param;
+  int softplus;
+  const void *u;          /* (B, L, D) io */
+  const void *delta;      /* (B, L, D) io */
+  const void *A;          /* (D, N) param */
+  const void *Bm;         /* (B, L, G, N) io */
+  const void *Cm;         /* (B, L, G, N) io */
+  const void *Dskip;      /* (D) param, or NULL */
+  const void *z;          /* (B, L, D) io, or NULL */
+  const void *delta_bias; /* (D) param, or NULL */
+  const void *h0;         /* (B, D, N) param, or NULL: the state entering t = 0 */
+  const uint8_t *reset;   /* (B, L) u8, or NULL: 1 zeroes the state entering t */
+} mx_scan_args;
+
+/* Gradient outputs; NULL for each one not wanted (the core passes NULL for
+ * inputs that were not given). Every non-NULL buffer is fully written. */
+typedef struct {
+  void *du, *ddelta, *dz;  /* (B, L, D) io */
+  void *dB, *dC;           /* (B, L, G, N) io */
+  void *dA;                /* (D, N) param */
+  void *dD, *ddelta_bias;  /* (D) param */
+  void *dh0;               /* (B, D, N) param */
+} mx_scan_grads;
+
 typedef struct mx_backend {
   int abi;               /* MX_BACKEND_ABI */
   const char *name;      /* "cpu" or "cuda" */
@@ -142,6 +174,21 @@ typedef struct mx_backend {
   /* out = x permuted: out's axis k is x's axis perm[k]. */
   int (*permute)(int dev, size_t elsize, const void *x, void *out, int rank,
                  const int64_t *x_shape, const int *perm, mx_err *err);
+
+  /* Timing with device events, for benchmarks: event_record enqueues an
+   * event on the device queue; event_elapsed waits for `end` and gives the
+   * microseconds between two recorded events; event_destroy never blocks.
+   * The CPU backend records the host clock. */
+  int (*event_record)(int dev, void **event, mx_err *err);
+  int (*event_elapsed)(int dev, void *start, void *end, double *us, mx_err *err);
+  void (*event_destroy)(int dev, void *event);
+
+  /* Selective scan. forward writes out (B, L, D) io and h_last (B, D, N)
+   * param. backward takes d_out (B, L, D) io and dh_last (B, D, N) param or
+   * NULL, recomputes the states, and writes the wanted gradients. */
+  int (*scan_forward)(int dev, const mx_scan_args *a, void *out, void *h_last, mx_err *err);
+  int (*scan_backward)(int dev, const mx_scan_args *a, const void *d_out, const void *dh_last,
+                       const mx_scan_grads *g, mx_err *err);
 } mx_backend;
 
 /* The one symbol the CUDA shared object exports. NULL on ABI mismatch. */

@@ -12,6 +12,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <sys/mman.h>
+#ifdef __SSE2__
+#include <immintrin.h>
+#endif
 
 #include "../core/backend.h"
 #include "../core/numeric.h"
@@ -97,9 +102,13 @@ static int cpu_device_name(int dev, char *buf, size_t len, mx_err *err) {
 static int cpu_alloc(int dev, size_t nbytes, void **out, mx_err *err) {
   (void)dev;
   /* 64-byte alignment for vector loads; aligned_alloc wants a multiple. */
-  size_t rounded = (nbytes + 63) & ~(size_t)63;
+  /* Large blocks are 2 MiB aligned and marked for transparent huge pages:
+   * a fresh 64 MiB output then costs 32 page faults instead of 16384. */
+  size_t align = nbytes >= ((size_t)4 << 20) ? ((size_t)2 << 20) : 64;
+  size_t rounded = (nbytes + align - 1) & ~(align - 1);
   if (rounded < nbytes) rounded = 0;
-  void *p = rounded ? aligned_alloc(64, rounded) : aligned_alloc(64, 64);
+  void *p = rounded ? aligned_alloc(align, rounded) : aligned_alloc(64, 64);
+  if (p && align > 64) madvise(p, rounded, MADV_HUGEPAGE);
   if (!p || (nbytes && !rounded)) {
     free(p);
     err->kind = MX_E_OOM;
@@ -252,15 +261,49 @@ static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, dou
   (void)dev;
   if (bmode == MX_B_TRAILING && bn == 0 && n != 0)
     return arg_error(err, "binary: trailing operand is empty");
-  if (dt == MX_F32 && bmode == MX_B_SAME && op <= MX_DIV) {
+#ifdef __SSE2__
+  /* Large same-shape f32 arithmetic: streaming stores skip the read-for-
+   * ownership of the output, as memcpy does (a third fewer bytes moved). */
+  if (dt == MX_F32 && bmode == MX_B_SAME && op <= MX_DIV && n >= ((size_t)1 << 20) &&
+      ((uintptr_t)out & 15) == 0) {
     const float *x = a, *z = b;
     float *o = out;
-    switch (op) {
-      case MX_ADD: for (size_t i = 0; i < n; i++) o[i] = x[i] + z[i]; break;
-      case MX_SUB: for (size_t i = 0; i < n; i++) o[i] = x[i] - z[i]; break;
-      case MX_MUL: for (size_t i = 0; i < n; i++) o[i] = x[i] * z[i]; break;
-      default: for (size_t i = 0; i < n; i++) o[i] = x[i] / z[i]; break;
+    size_t n4 = n & ~(size_t)3;
+    for (size_t i = 0; i < n4; i += 4) {
+      __m128 p = _mm_loadu_ps(x + i), q = _mm_loadu_ps(z + i);
+      __m128 r = op == MX_ADD ? _mm_add_ps(p, q) : op == MX_SUB ? _mm_sub_ps(p, q)
+                 : op == MX_MUL ? _mm_mul_ps(p, q) : _mm_div_ps(p, q);
+      _mm_stream_ps(o + i, r);
     }
+    _mm_sfence();
+    for (size_t i = n4; i < n; i++) o[i] = bin_f(op, x[i], z[i]);
+    return MX_OK;
+  }
+#endif
+  if (dt == MX_F32) { /* the hot type: one plain loop per op and operand mode */
+    const float *x = a, *z = b;
+    float *o = out, s = (float)scalar;
+#define F32_LOOPS(EXPR)                                                            \
+  do {                                                                             \
+    if (bmode == MX_B_SAME) {                                                      \
+      for (size_t i = 0; i < n; i++) { float p = x[i], q = z[i]; o[i] = (EXPR); }  \
+    } else if (bmode == MX_B_SCALAR) {                                             \
+      for (size_t i = 0; i < n; i++) { float p = x[i], q = s; o[i] = (EXPR); }     \
+    } else {                                                                       \
+      for (size_t i0 = 0; i0 < n; i0 += bn)                                        \
+        for (size_t j = 0; j < bn; j++) { float p = x[i0 + j], q = z[j]; o[i0 + j] = (EXPR); } \
+    }                                                                              \
+  } while (0)
+    switch (op) {
+      case MX_ADD: F32_LOOPS(p + q); break;
+      case MX_SUB: F32_LOOPS(p - q); break;
+      case MX_MUL: F32_LOOPS(p * q); break;
+      case MX_DIV: F32_LOOPS(p / q); break;
+      case MX_RSUB: F32_LOOPS(q - p); break;
+      case MX_RDIV: F32_LOOPS(q / p); break;
+      default: F32_LOOPS(bin_f(op, p, q)); break;
+    }
+#undef F32_LOOPS
     return MX_OK;
   }
   if (dt == MX_F64) {
@@ -374,6 +417,34 @@ static int cpu_permute(int dev, size_t elsize, const void *x, void *out, int ran
   return MX_OK;
 }
 
+/* ---- timing (host clock: CPU ops run synchronously) -------------------- */
+
+static int cpu_event_record(int dev, void **event, mx_err *err) {
+  (void)dev;
+  struct timespec *ts = malloc(sizeof *ts);
+  if (!ts) {
+    err->kind = MX_E_OOM;
+    snprintf(err->msg, sizeof err->msg, "event_record: out of host memory");
+    return MX_E_OOM;
+  }
+  clock_gettime(CLOCK_MONOTONIC, ts);
+  *event = ts;
+  return MX_OK;
+}
+
+static int cpu_event_elapsed(int dev, void *start, void *end, double *us, mx_err *err) {
+  (void)dev;
+  (void)err;
+  const struct timespec *a = start, *b = end;
+  *us = (double)(b->tv_sec - a->tv_sec) * 1e6 + (double)(b->tv_nsec - a->tv_nsec) * 1e-3;
+  return MX_OK;
+}
+
+static void cpu_event_destroy(int dev, void *event) {
+  (void)dev;
+  free(event);
+}
+
 static const mx_backend cpu_backend = {
     .abi = MX_BACKEND_ABI,
     .name = "cpu",
@@ -394,6 +465,9 @@ static const mx_backend cpu_backend = {
     .axpy = cpu_axpy,
     .reduce = cpu_reduce,
     .permute = cpu_permute,
+    .event_record = cpu_event_record,
+    .event_elapsed = cpu_event_elapsed,
+    .event_destroy = cpu_event_destroy,
 };
 
 const mx_backend *mx_cpu_backend(void) { return &cpu_backend; }

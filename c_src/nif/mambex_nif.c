@@ -34,26 +34,33 @@
 
 #include "../core/backend.h"
 #include "../core/tensor.h"
+#include "nif_common.h"
 
-#define MX_INLINE_BYTES ((size_t)1 << 18)
 
 /* ---- atoms and global state ------------------------------------------- */
 
-static ErlNifResourceType *TENSOR_RT;
+ErlNifResourceType *TENSOR_RT;
+static ErlNifResourceType *EVENT_RT;
+
+/* A recorded device event (benchmarks). Destroyed without blocking. */
+typedef struct {
+  int slot;
+  void *event;
+} mx_event;
 static mx_shared *g_shared;
 static char g_cuda_status[512] = "not loaded";
-static int g_cuda_devices;
+int g_cuda_devices;
 
-static ERL_NIF_TERM A_OK, A_NIL, A_TRUE, A_FALSE, A_CPU, A_CUDA, A_F, A_BF, A_S, A_U;
-static ERL_NIF_TERM A_STRUCT, A_EXCEPTION, A_MESSAGE, A_KIND, A_OP;
-static ERL_NIF_TERM A_REF, A_SHAPE, A_TYPE, A_DEVICE;
-static ERL_NIF_TERM A_TENSOR_MOD, A_ARG_ERROR_MOD, A_MX_ERROR_MOD;
-static ERL_NIF_TERM A_OOM, A_RUNTIME, A_LOST;
-static ERL_NIF_TERM A_UNIFORM, A_NORMAL;
-static ERL_NIF_TERM A_ADD, A_SUBTRACT, A_MULTIPLY, A_DIVIDE, A_MAXIMUM, A_MINIMUM;
-static ERL_NIF_TERM A_NEGATE, A_EXP, A_LOG, A_SQRT, A_SUM, A_MEAN, A_MAX;
-static ERL_NIF_TERM A_LIVE_BYTES, A_PEAK_BYTES, A_LIVE_HANDLES, A_TOTAL_ALLOCS;
-static ERL_NIF_TERM A_CUDA_DEVICES, A_CUDA_STATUS;
+ERL_NIF_TERM A_OK, A_NIL, A_TRUE, A_FALSE, A_CPU, A_CUDA, A_F, A_BF, A_S, A_U;
+ERL_NIF_TERM A_STRUCT, A_EXCEPTION, A_MESSAGE, A_KIND, A_OP;
+ERL_NIF_TERM A_REF, A_SHAPE, A_TYPE, A_DEVICE;
+ERL_NIF_TERM A_TENSOR_MOD, A_ARG_ERROR_MOD, A_MX_ERROR_MOD;
+ERL_NIF_TERM A_OOM, A_RUNTIME, A_LOST;
+ERL_NIF_TERM A_UNIFORM, A_NORMAL;
+ERL_NIF_TERM A_ADD, A_SUBTRACT, A_MULTIPLY, A_DIVIDE, A_MAXIMUM, A_MINIMUM;
+ERL_NIF_TERM A_NEGATE, A_EXP, A_LOG, A_SQRT, A_SUM, A_MEAN, A_MAX;
+ERL_NIF_TERM A_LIVE_BYTES, A_PEAK_BYTES, A_LIVE_HANDLES, A_TOTAL_ALLOCS;
+ERL_NIF_TERM A_CUDA_DEVICES, A_CUDA_STATUS;
 
 static void make_atoms(ErlNifEnv *env) {
 #define ATOM(var, name) var = enif_make_atom(env, name)
@@ -80,7 +87,7 @@ static void make_atoms(ErlNifEnv *env) {
 
 /* ---- errors ------------------------------------------------------------ */
 
-static ERL_NIF_TERM make_string(ErlNifEnv *env, const char *s) {
+ERL_NIF_TERM make_string(ErlNifEnv *env, const char *s) {
   size_t n = strlen(s);
   ERL_NIF_TERM bin;
   unsigned char *p = enif_make_new_binary(env, n, &bin);
@@ -89,7 +96,7 @@ static ERL_NIF_TERM make_string(ErlNifEnv *env, const char *s) {
 }
 
 /* Raise ArgumentError("<op>: <message>"). The message may use %T. */
-static ERL_NIF_TERM raise_arg(ErlNifEnv *env, const char *op, const char *fmt, ...) {
+ERL_NIF_TERM raise_arg(ErlNifEnv *env, const char *op, const char *fmt, ...) {
   char msg[512];
   int k = snprintf(msg, sizeof msg, "%s: ", op);
   va_list ap;
@@ -104,7 +111,7 @@ static ERL_NIF_TERM raise_arg(ErlNifEnv *env, const char *op, const char *fmt, .
 }
 
 /* Raise for a backend failure: ArgumentError for MX_E_ARG, else Mambex.Error. */
-static ERL_NIF_TERM raise_err(ErlNifEnv *env, const char *op, const mx_err *err) {
+ERL_NIF_TERM raise_err(ErlNifEnv *env, const char *op, const mx_err *err) {
   if (err->kind == MX_E_ARG) return raise_arg(env, op, "%s", err->msg);
   char msg[MX_ERR_LEN + 64];
   snprintf(msg, sizeof msg, "%s: %s", op, err->msg);
@@ -122,13 +129,13 @@ static ERL_NIF_TERM raise_err(ErlNifEnv *env, const char *op, const mx_err *err)
 static const struct { int kind_is; int bits; } DTYPE_BITS[MX_NUM_DTYPES] = {
     {0, 32}, {0, 64}, {1, 16}, {0, 16}, {2, 32}, {2, 64}, {3, 8}};
 
-static ERL_NIF_TERM dtype_term(ErlNifEnv *env, int dt) {
+ERL_NIF_TERM dtype_term(ErlNifEnv *env, int dt) {
   ERL_NIF_TERM k = DTYPE_BITS[dt].kind_is == 0 ? A_F : DTYPE_BITS[dt].kind_is == 1 ? A_BF
                    : DTYPE_BITS[dt].kind_is == 2 ? A_S : A_U;
   return enif_make_tuple2(env, k, enif_make_int(env, DTYPE_BITS[dt].bits));
 }
 
-static int get_dtype(ErlNifEnv *env, ERL_NIF_TERM term, int *out) {
+int get_dtype(ErlNifEnv *env, ERL_NIF_TERM term, int *out) {
   int arity, bits;
   const ERL_NIF_TERM *el;
   if (!enif_get_tuple(env, term, &arity, &el) || arity != 2) return 0;
@@ -144,13 +151,13 @@ static int get_dtype(ErlNifEnv *env, ERL_NIF_TERM term, int *out) {
   return 0;
 }
 
-static ERL_NIF_TERM device_term(ErlNifEnv *env, int slot) {
+ERL_NIF_TERM device_term(ErlNifEnv *env, int slot) {
   if (slot == MX_CPU_SLOT) return A_CPU;
   return enif_make_tuple2(env, A_CUDA, enif_make_int(env, slot - 1));
 }
 
 /* 1 on success; 0 = not a device term; -1 = a CUDA device that is absent. */
-static int get_device(ErlNifEnv *env, ERL_NIF_TERM term, int *slot) {
+int get_device(ErlNifEnv *env, ERL_NIF_TERM term, int *slot) {
   if (enif_is_identical(term, A_CPU)) {
     *slot = MX_CPU_SLOT;
     return 1;
@@ -164,7 +171,7 @@ static int get_device(ErlNifEnv *env, ERL_NIF_TERM term, int *slot) {
   return 1;
 }
 
-static int get_shape(ErlNifEnv *env, ERL_NIF_TERM term, int64_t *shape, int *rank) {
+int get_shape(ErlNifEnv *env, ERL_NIF_TERM term, int64_t *shape, int *rank) {
   int arity;
   const ERL_NIF_TERM *el;
   if (!enif_get_tuple(env, term, &arity, &el) || arity > MX_MAX_RANK) return 0;
@@ -177,20 +184,20 @@ static int get_shape(ErlNifEnv *env, ERL_NIF_TERM term, int64_t *shape, int *ran
   return 1;
 }
 
-static ERL_NIF_TERM shape_term(ErlNifEnv *env, const int64_t *shape, int rank) {
+ERL_NIF_TERM shape_term(ErlNifEnv *env, const int64_t *shape, int rank) {
   ERL_NIF_TERM el[MX_MAX_RANK];
   for (int i = 0; i < rank; i++) el[i] = enif_make_int64(env, shape[i]);
   return enif_make_tuple_from_array(env, el, (unsigned)rank);
 }
 
 /* Accepts %Mambex.Tensor{ref: ref} or the bare resource reference. */
-static int get_tensor_any(ErlNifEnv *env, ERL_NIF_TERM term, mx_tensor **t) {
+int get_tensor_any(ErlNifEnv *env, ERL_NIF_TERM term, mx_tensor **t) {
   ERL_NIF_TERM ref = term;
   if (enif_is_map(env, term) && !enif_get_map_value(env, term, A_REF, &ref)) return 0;
   return enif_get_resource(env, ref, TENSOR_RT, (void **)t);
 }
 
-static int get_number(ErlNifEnv *env, ERL_NIF_TERM term, double *out) {
+int get_number(ErlNifEnv *env, ERL_NIF_TERM term, double *out) {
   ErlNifSInt64 i;
   if (enif_get_double(env, term, out)) return 1;
   if (enif_get_int64(env, term, &i)) {
@@ -201,32 +208,12 @@ static int get_number(ErlNifEnv *env, ERL_NIF_TERM term, double *out) {
 }
 
 /* Decode a live tensor argument and take a storage reference, or raise. */
-#define GET_TENSOR(term, t, s, argname)                                                   \
-  mx_tensor *t;                                                                           \
-  mx_storage *s;                                                                          \
-  do {                                                                                    \
-    if (!get_tensor_any(env, term, &t))                                                   \
-      return raise_arg(env, OP, "%s must be a Mambex.Tensor, got: %.200T", argname, term); \
-    s = mx_tensor_acquire(t);                                                             \
-    if (!s) return raise_arg(env, OP, "%s was freed and cannot be used", argname);        \
-  } while (0)
 
-#define GET_DEVICE(term, slot, argname)                                                  \
-  int slot;                                                                              \
-  do {                                                                                   \
-    int rc_ = get_device(env, term, &slot);                                              \
-    if (rc_ == 0)                                                                        \
-      return raise_arg(env, OP, "%s must be :cpu or {:cuda, index}, got: %.200T", argname, \
-                       term);                                                            \
-    if (rc_ < 0)                                                                         \
-      return raise_arg(env, OP, "%s %T is not available (%d CUDA devices)", argname, term, \
-                       g_cuda_devices);                                                  \
-  } while (0)
 
 /* ---- executor ---------------------------------------------------------- */
 
 /* The dirty flag an op must move to, or 0 to run here. */
-static int resched_flags(int slot, size_t work_bytes) {
+int resched_flags(int slot, size_t work_bytes) {
   if (enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER) return 0;
   if (slot != MX_CPU_SLOT) return ERL_NIF_DIRTY_JOB_IO_BOUND; /* device ops enqueue there */
   return work_bytes > MX_INLINE_BYTES ? ERL_NIF_DIRTY_JOB_CPU_BOUND : 0;
@@ -234,19 +221,9 @@ static int resched_flags(int slot, size_t work_bytes) {
 
 /* Move to the right scheduler before allocating anything. Releases the
  * named storages first. */
-#define MAYBE_RESCHEDULE(fn, slot, work_bytes, ...)                              \
-  do {                                                                           \
-    int f_ = resched_flags(slot, work_bytes);                                    \
-    if (f_) {                                                                    \
-      mx_storage *rel_[] = {NULL, __VA_ARGS__};                                  \
-      for (size_t i_ = 1; i_ < sizeof rel_ / sizeof rel_[0]; i_++)               \
-        mx_storage_release(rel_[i_]);                                            \
-      return enif_schedule_nif(env, OP, f_, fn, argc, argv);                     \
-    }                                                                            \
-  } while (0)
 
 /* A new tensor resource wrapping storage (takes over the reference). */
-static mx_tensor *tensor_wrap(mx_storage *s, int dtype, const int64_t *shape, int rank) {
+mx_tensor *tensor_wrap(mx_storage *s, int dtype, const int64_t *shape, int rank) {
   mx_tensor *t = enif_alloc_resource(TENSOR_RT, sizeof *t);
   memset(t, 0, sizeof *t);
   t->storage = s;
@@ -261,7 +238,7 @@ static mx_tensor *tensor_wrap(mx_storage *s, int dtype, const int64_t *shape, in
 }
 
 /* %Mambex.Tensor{} for a resource; releases the local resource reference. */
-static ERL_NIF_TERM tensor_term(ErlNifEnv *env, mx_tensor *t) {
+ERL_NIF_TERM tensor_term(ErlNifEnv *env, mx_tensor *t) {
   ERL_NIF_TERM ref = enif_make_resource(env, t);
   enif_release_resource(t);
   ERL_NIF_TERM keys[5] = {A_STRUCT, A_REF, A_SHAPE, A_TYPE, A_DEVICE};
@@ -272,36 +249,16 @@ static ERL_NIF_TERM tensor_term(ErlNifEnv *env, mx_tensor *t) {
   return map;
 }
 
-static size_t tensor_numel(const mx_tensor *t) {
+size_t tensor_numel(const mx_tensor *t) {
   size_t n = 1;
   for (int i = 0; i < t->rank; i++) n *= (size_t)t->shape[i];
   return n;
 }
 
 /* Allocate an output (storage + resource) or raise. */
-#define NEW_OUTPUT(out, outs, slot, dtype, shape, rank, ...)                    \
-  mx_tensor *out;                                                               \
-  mx_storage *outs;                                                             \
-  do {                                                                          \
-    int64_t n_ = mx_numel_checked(shape, rank, mx_dtype_size(dtype));           \
-    mx_err e_ = {0, {0}};                                                       \
-    if (n_ < 0) {                                                               \
-      mx_storage *rel_[] = {NULL, __VA_ARGS__};                                 \
-      for (size_t i_ = 1; i_ < sizeof rel_ / sizeof rel_[0]; i_++)              \
-        mx_storage_release(rel_[i_]);                                           \
-      return raise_arg(env, OP, "the output size overflows");                   \
-    }                                                                           \
-    if (mx_storage_new(slot, (size_t)n_ * mx_dtype_size(dtype), &outs, &e_)) {  \
-      mx_storage *rel_[] = {NULL, __VA_ARGS__};                                 \
-      for (size_t i_ = 1; i_ < sizeof rel_ / sizeof rel_[0]; i_++)              \
-        mx_storage_release(rel_[i_]);                                           \
-      return raise_err(env, OP, &e_);                                           \
-    }                                                                           \
-    out = tensor_wrap(outs, dtype, shape, rank);                                \
-  } while (0)
 
 /* After a backend call: on failure drop the output and raise. */
-static ERL_NIF_TERM finish(ErlNifEnv *env, const char *op, int rc, const mx_err *err,
+ERL_NIF_TERM finish(ErlNifEnv *env, const char *op, int rc, const mx_err *err,
                            mx_tensor *out) {
   if (rc != MX_OK) {
     mx_tensor_drop(out);
@@ -526,7 +483,7 @@ static ERL_NIF_TERM nif_fill(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]
 #undef OP
 
 /* outer/dim/inner of an axis of a shape. */
-static void axis_split(const int64_t *shape, int rank, int axis, size_t *outer, size_t *dim,
+void axis_split(const int64_t *shape, int rank, int axis, size_t *outer, size_t *dim,
                        size_t *inner) {
   *outer = 1;
   *inner = 1;
@@ -536,7 +493,7 @@ static void axis_split(const int64_t *shape, int rank, int axis, size_t *outer, 
 }
 
 /* An axis argument: an integer in [-rank, rank), negative counting from the end. */
-static int get_axis(ErlNifEnv *env, ERL_NIF_TERM term, int rank, int *axis) {
+int get_axis(ErlNifEnv *env, ERL_NIF_TERM term, int rank, int *axis) {
   int a;
   if (!enif_get_int(env, term, &a)) return 0;
   if (a < 0) a += rank;
@@ -995,6 +952,44 @@ static ERL_NIF_TERM nif_reduce(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
 }
 #undef OP
 
+/* ---- timing events ----------------------------------------------------- */
+
+#define OP "event_record"
+/* event_record(device): records an event on the device queue. */
+static ERL_NIF_TERM nif_event_record(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+  GET_DEVICE(argv[0], slot, "device");
+  MAYBE_RESCHEDULE(nif_event_record, slot, 0, NULL);
+  mx_err err = {0, {0}};
+  void *ev = NULL;
+  if (mx_backend_for(slot)->event_record(mx_backend_dev(slot), &ev, &err))
+    return raise_err(env, OP, &err);
+  mx_event *e = enif_alloc_resource(EVENT_RT, sizeof *e);
+  e->slot = slot;
+  e->event = ev;
+  ERL_NIF_TERM term = enif_make_resource(env, e);
+  enif_release_resource(e);
+  return term;
+}
+#undef OP
+
+#define OP "event_elapsed"
+/* event_elapsed(start, end): microseconds between two events of one device. */
+static ERL_NIF_TERM nif_event_elapsed(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+  mx_event *a, *b;
+  if (!enif_get_resource(env, argv[0], EVENT_RT, (void **)&a))
+    return raise_arg(env, OP, "start must be an event, got: %.200T", argv[0]);
+  if (!enif_get_resource(env, argv[1], EVENT_RT, (void **)&b))
+    return raise_arg(env, OP, "end must be an event, got: %.200T", argv[1]);
+  if (a->slot != b->slot) return raise_arg(env, OP, "start and end must be on one device");
+  MAYBE_RESCHEDULE(nif_event_elapsed, a->slot, 0, NULL);
+  mx_err err = {0, {0}};
+  double us = 0;
+  if (mx_backend_for(a->slot)->event_elapsed(mx_backend_dev(a->slot), a->event, b->event, &us, &err))
+    return raise_err(env, OP, &err);
+  return enif_make_double(env, us);
+}
+#undef OP
+
 /* ---- load / upgrade / unload ------------------------------------------- */
 
 static void tensor_dtor(ErlNifEnv *env, void *obj) {
@@ -1044,10 +1039,18 @@ static const mx_backend *open_cuda(ErlNifEnv *env, ERL_NIF_TERM load_info) {
   return be;
 }
 
+static void event_dtor(ErlNifEnv *env, void *obj) {
+  (void)env;
+  mx_event *e = obj;
+  const mx_backend *be = mx_backend_for(e->slot);
+  if (be && e->event) be->event_destroy(mx_backend_dev(e->slot), e->event);
+}
+
 static int open_types(ErlNifEnv *env, ErlNifResourceFlags flags) {
   ErlNifResourceFlags tried;
   TENSOR_RT = enif_open_resource_type(env, NULL, "mambex_tensor", tensor_dtor, flags, &tried);
-  return TENSOR_RT ? 0 : -1;
+  EVENT_RT = enif_open_resource_type(env, NULL, "mambex_event", event_dtor, flags, &tried);
+  return TENSOR_RT && EVENT_RT ? 0 : -1;
 }
 
 static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM load_info) {
@@ -1105,6 +1108,8 @@ static ErlNifFunc nif_funcs[] = {
     {"binary", 3, nif_binary, 0},
     {"axpy", 3, nif_axpy, 0},
     {"reduce", 3, nif_reduce, 0},
+    {"event_record", 1, nif_event_record, 0},
+    {"event_elapsed", 2, nif_event_elapsed, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

@@ -44,4 +44,6 @@ defmodule Mambex.NIF do
   def binary(_op, _a, _b), do: nif_error()
   def axpy(_alpha, _x, _y), do: nif_error()
   def reduce(_op, _tensor, _axis), do: nif_error()
+  def event_record(_device), do: nif_error()
+  def event_elapsed(_start, _end), do: nif_error()
 end
