@@ -8,6 +8,7 @@
 #   CUDA_ARCH=sm_90      the GPU architecture to build for
 
 PRIV := priv
+OBJ := _build/native
 ERTS_INCLUDE_DIR ?= $(shell erl -noshell -eval 'io:format("~ts/erts-~ts/include", [code:root_dir(), erlang:system_info(version)]), halt().' 2>/dev/null)
 
 CC ?= cc
@@ -27,11 +28,12 @@ NVCC := $(shell command -v nvcc 2>/dev/null || ( [ -x /usr/local/cuda/bin/nvcc ]
 endif
 CUDA_ARCH ?= sm_90
 NVCCFLAGS ?= -O3 -std=c++17 -arch=$(CUDA_ARCH) -lineinfo
-NVCCFLAGS += -Xcompiler -fPIC,-Wall,-Wextra,-fvisibility=hidden -shared -cudart static
+NVCCFLAGS += -Xcompiler -fPIC,-Wall,-Wextra,-fvisibility=hidden
 
 NIF_SRC := $(wildcard c_src/nif/*.c c_src/core/*.c c_src/cpu/*.c)
 NIF_HDR := $(wildcard c_src/nif/*.h c_src/core/*.h c_src/cpu/*.h)
 CUDA_SRC := $(wildcard c_src/cuda/*.cu)
+CUDA_OBJ := $(patsubst c_src/cuda/%.cu,$(OBJ)/cuda/%.o,$(CUDA_SRC))
 CUDA_HDR := $(wildcard c_src/cuda/*.h c_src/cuda/*.cuh) c_src/core/backend.h c_src/core/numeric.h
 
 TARGETS := $(PRIV)/mambex_nif.so
@@ -52,9 +54,14 @@ $(PRIV)/mambex_nif.so: $(NIF_SRC) $(NIF_HDR) Makefile
 	$(CC) $(CFLAGS) $(NIF_SRC) -o $@.tmp $(LDFLAGS) $(LDLIBS)
 	mv -f $@.tmp $@
 
-$(PRIV)/mambex_cuda.so: $(CUDA_SRC) $(CUDA_HDR) Makefile
+# One object per CUDA file, so that `make -j` compiles them in parallel.
+$(OBJ)/cuda/%.o: c_src/cuda/%.cu $(CUDA_HDR) Makefile
+	@mkdir -p $(OBJ)/cuda
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(PRIV)/mambex_cuda.so: $(CUDA_OBJ)
 	@mkdir -p $(PRIV)
-	$(NVCC) $(NVCCFLAGS) $(CUDA_SRC) -o $@.tmp -lpthread
+	$(NVCC) -arch=$(CUDA_ARCH) -shared -cudart static $(CUDA_OBJ) -o $@.tmp -lpthread
 	mv -f $@.tmp $@
 
 clean:

@@ -27,6 +27,10 @@ MX_CUDA_HIDDEN int mx_cuda_download(int dev, void *dst, const void *src, size_t 
 MX_CUDA_HIDDEN int mx_cuda_copy2d(int dev, void *dst, size_t dpitch, const void *src,
                                   size_t spitch, size_t width, size_t height, mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_sync(int dev, mx_err *err);
+MX_CUDA_HIDDEN int mx_cuda_event_record(int dev, void **event, mx_err *err);
+MX_CUDA_HIDDEN int mx_cuda_event_elapsed(int dev, void *start, void *end, double *us,
+                                         mx_err *err);
+MX_CUDA_HIDDEN void mx_cuda_event_destroy(int dev, void *event);
 
 /* elementwise.cu */
 MX_CUDA_HIDDEN int mx_cuda_fill(int dev, int dtype, void *dst, size_t n, double value,
@@ -51,6 +55,12 @@ MX_CUDA_HIDDEN int mx_cuda_reduce(int dev, int op, int dtype, const void *x, voi
 MX_CUDA_HIDDEN int mx_cuda_permute(int dev, size_t elsize, const void *x, void *out,
                                    int rank, const int64_t *x_shape, const int *perm,
                                    mx_err *err);
+
+/* scan.cu */
+MX_CUDA_HIDDEN int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last,
+                                        mx_err *err);
+MX_CUDA_HIDDEN int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
+                                         const void *dh_last, const mx_scan_grads *g, mx_err *err);
 
 #ifdef __cplusplus
 }

@@ -19,15 +19,19 @@
  *   - `stage_mu` guards the pinned staging buffers of upload/download; it is
  *     held for the whole copy (which may wait on events) and taken BEFORE
  *     `mu`, never the other way round. `mu` is taken per chunk inside it.
- *   - free_async takes no mutex at all (CUDA calls are thread-safe and the
- *     caller guarantees no op using the pointer is still being enqueued), so
- *     resource destructors on normal schedulers never wait.
- *   - sync waits on the stream without holding `mu`.
+ *   - free_async and event_destroy take no mutex at all (CUDA calls are
+ *     thread-safe and the caller guarantees no op using the pointer is still
+ *     being enqueued), so resource destructors on normal schedulers never wait.
+ *   - sync, event_elapsed and large downloads (download_direct) wait on the
+ *     stream without holding any mutex.
  *
- * Streams. One stream per device carries every op in call order; only
- * download and sync wait for it. Memory comes from cudaMallocAsync /
- * cudaFreeAsync on that same stream, so a free is ordered after every op
- * enqueued before it.
+ * Streams. One stream per device carries every op in call order; download,
+ * sync and event_elapsed wait for it. upload waits only to reuse a staging
+ * slot whose earlier copy is still queued (stream-ordered, so behind earlier
+ * work): a run of small uploads rotates through 16 slots, an upload above
+ * 64 MiB waits for its own third chunk's slot. Memory comes from
+ * cudaMallocAsync / cudaFreeAsync on the same stream, so a free is ordered
+ * after every op enqueued before it.
  *
  * Errors. Every CUDA call goes through MX_CUDA_CALL / MX_CUDA_TRY, which
  * writes "cudaMallocAsync: out of memory (cuda_runtime.cu:120)" into the
@@ -58,6 +62,8 @@
 #define MX_STAGE_BIG_COUNT 2
 #define MX_STAGE_SMALL_BYTES ((size_t)64 << 10)
 #define MX_STAGE_SMALL_COUNT 16
+/* Downloads from this size on skip the staging (see download_direct). */
+#define MX_DOWNLOAD_DIRECT_BYTES ((size_t)4 << 20)
 
 /* Threads per block of every kernel. */
 #define MX_BLOCK 256
@@ -128,12 +134,17 @@ MX_CUDA_HIDDEN unsigned mx_cuda_grid(const mx_cuda_dev *d, uint64_t n);
     if (mx_rc_ != MX_OK) return mx_rc_;                            \
   } while (0)
 
-/* After every kernel launch: report a launch error under the kernel's name. */
-#define MX_CUDA_LAUNCHED(d, err, kernel_name)                                \
-  do {                                                                       \
-    int mx_rc_ = mx_cuda_check(cudaGetLastError(), (d)->index, (err),        \
-                               kernel_name " launch", __FILE__, __LINE__);  \
-    if (mx_rc_ != MX_OK) return mx_rc_;                                      \
+/* After every kernel launch: a launch error, reported under the kernel's
+ * name. `rc = MX_CUDA_LAUNCH_RC(...)` gives the kind; MX_CUDA_LAUNCHED
+ * returns it from the enclosing function. */
+#define MX_CUDA_LAUNCH_RC(d, err, kernel_name)                       \
+  mx_cuda_check(cudaGetLastError(), (d)->index, (err), kernel_name " launch", \
+                __FILE__, __LINE__)
+
+#define MX_CUDA_LAUNCHED(d, err, kernel_name)                        \
+  do {                                                               \
+    int mx_rc_ = MX_CUDA_LAUNCH_RC(d, err, kernel_name);             \
+    if (mx_rc_ != MX_OK) return mx_rc_;                              \
   } while (0)
 
 #endif /* MAMBEX_CUDA_RUNTIME_STATE_H */

@@ -1014,7 +1014,7 @@ static const mx_backend *open_cuda(ErlNifEnv *env, ERL_NIF_TERM load_info) {
   memcpy(dir, b.data, b.size);
   dir[b.size] = 0;
   strcat(dir, "/mambex_cuda.so");
-  void *h = dlopen(dir, RTLD_NOW | RTLD_LOCAL);
+  void *h = dlopen(dir, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (!h) {
     const char *e = dlerror();
     snprintf(g_cuda_status, sizeof g_cuda_status, "cannot open %s: %s", dir, e ? e : "?");
@@ -1110,6 +1110,8 @@ static ErlNifFunc nif_funcs[] = {
     {"reduce", 3, nif_reduce, 0},
     {"event_record", 1, nif_event_record, 0},
     {"event_elapsed", 2, nif_event_elapsed, 0},
+    {"scan_forward", 11, nif_scan_forward, 0},
+    {"scan_backward", 13, nif_scan_backward, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)
