@@ -72,6 +72,13 @@ defmodule Mambex do
     e in Mambex.Error ->
       if e.kind == :out_of_memory do
         :erlang.garbage_collect()
+        # Resources found dead are released once the process is scheduled
+        # out: yield before trying again.
+        receive do
+        after
+          1 -> :ok
+        end
+
         fun.()
       else
         reraise e, __STACKTRACE__

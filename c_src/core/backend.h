@@ -33,10 +33,16 @@
 extern "C" {
 #endif
 
-#define MX_BACKEND_ABI 1
+#define MX_BACKEND_ABI 2
 #define MX_MAX_RANK 8
 #define MX_MAX_CUDA_DEVICES 16
 #define MX_ERR_LEN 256
+
+/* Conversions from double (fill values, float scalars, casts, random
+ * samples) round to nearest even, f64 -> bf16/f16 correctly (through a
+ * round-to-odd f32). Integer scalars are exact (mx_scalar.i). Uniform
+ * samples of float types are < max after rounding. Integer division
+ * truncates, gives 0 for a zero divisor, and MIN / -1 wraps to MIN. */
 
 /* Element types; the order is fixed (it indexes the dtype table). */
 typedef enum {
@@ -71,6 +77,14 @@ typedef struct {
   int kind;              /* mx_errkind */
   char msg[MX_ERR_LEN];  /* "cudaMallocAsync: out of memory (cuda_backend.cu:120)" */
 } mx_err;
+
+/* A scalar operand: `f` for float types, `i` (exact) for integer types. */
+typedef struct {
+  double f;
+  int64_t i;
+} mx_scalar;
+
+#define MX_ZERO ((mx_scalar){0.0, 0})
 
 typedef enum { MX_NEG = 0, MX_EXP = 1, MX_LOG = 2, MX_SQRT = 3 } mx_unary_op;
 
@@ -150,7 +164,7 @@ typedef struct mx_backend {
    * counter-based generator: element i depends only on (seed, i), so the same
    * seed gives the same values whatever the launch configuration. UNIFORM
    * is in [a, b); NORMAL has mean a and standard deviation b. */
-  int (*fill)(int dev, int dtype, void *dst, size_t n, double value, mx_err *err);
+  int (*fill)(int dev, int dtype, void *dst, size_t n, mx_scalar value, mx_err *err);
   int (*iota)(int dev, int dtype, void *dst, size_t outer, size_t dim, size_t inner,
               mx_err *err);
   int (*random)(int dev, int dtype, void *dst, size_t n, uint64_t seed, int dist,
@@ -160,10 +174,10 @@ typedef struct mx_backend {
   int (*cast)(int dev, int src_dtype, const void *src, int dst_dtype, void *dst,
               size_t n, mx_err *err);
   int (*unary)(int dev, int op, int dtype, const void *x, void *y, size_t n, mx_err *err);
-  int (*binary)(int dev, int op, int dtype, const void *a, const void *b, double scalar,
+  int (*binary)(int dev, int op, int dtype, const void *a, const void *b, mx_scalar scalar,
                 int bmode, size_t n, size_t bn, void *out, mx_err *err);
   /* out = alpha * x + y */
-  int (*axpy)(int dev, int dtype, double alpha, const void *x, const void *y, void *out,
+  int (*axpy)(int dev, int dtype, mx_scalar alpha, const void *x, const void *y, void *out,
               size_t n, mx_err *err);
 
   /* Reduce x viewed as (outer, dim, inner) over dim into out (outer, inner).

@@ -7,6 +7,7 @@
 #ifndef MAMBEX_NUMERIC_H
 #define MAMBEX_NUMERIC_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -100,6 +101,42 @@ MX_HD float mx_f16_to_f32(uint16_t h) {
     u = sign | ((e + 112u) << 23) | (m << 13);
   }
   float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* f64 -> f32 rounded to odd: truncate toward zero and set the last bit when
+ * inexact. Rounding that float once more to bf16 or f16 (nearest even) then
+ * gives the correctly rounded f64 -> bf16/f16 result (no double rounding). */
+MX_HD float mx_f64_to_f32_odd(double d) {
+  float f = (float)d;
+  if (d != d || (double)f == d) return f;
+  uint32_t u;
+  if (f == INFINITY || f == -INFINITY) { /* beyond the f32 range: the largest finite, odd */
+    u = d > 0 ? 0x7f7fffffu : 0xff7fffffu;
+  } else {
+    memcpy(&u, &f, 4);
+    double af = f < 0 ? -(double)f : (double)f, ad = d < 0 ? -d : d;
+    if (af > ad) u -= 1; /* rounded away from zero: step back toward zero */
+    u |= 1u;
+  }
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* The next representable value toward -infinity, on the bits of a
+ * sign-magnitude float of 16 (bf16, f16) or 32 bits; +0 and -0 step to the
+ * smallest negative subnormal. */
+MX_HD uint16_t mx_step_down16(uint16_t h) {
+  if ((h & 0x7fffu) == 0) return 0x8001u;
+  return (h & 0x8000u) ? (uint16_t)(h + 1u) : (uint16_t)(h - 1u);
+}
+
+MX_HD float mx_step_down_f32(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) == 0) u = 0x80000001u;
+  else u = (u & 0x80000000u) ? u + 1u : u - 1u;
   memcpy(&f, &u, 4);
   return f;
 }

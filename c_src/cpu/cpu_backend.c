@@ -20,6 +20,7 @@
 
 #include "../core/backend.h"
 #include "../core/numeric.h"
+#include "cpu_kernels.h"
 
 /* ---- element access in the compute class of each dtype ---------------- */
 
@@ -59,6 +60,12 @@ static inline void st_i(int dt, void *p, size_t i, int64_t v) {
   }
 }
 
+/* double -> the fp32 compute value of a float dtype: nearest for f32, round
+ * to odd for bf16/f16 so that their final rounding is correct. */
+static inline float f32_from_double(int dt, double v) {
+  return dt == MX_F32 ? (float)v : mx_f64_to_f32_odd(v);
+}
+
 /* Any dtype through double (casts, creation). */
 static inline double ld_d(int dt, const void *p, size_t i) {
   if (dt == MX_F64) return ((const double *)p)[i];
@@ -75,7 +82,7 @@ static inline int64_t double_to_int(double v) {
 
 static inline void st_d(int dt, void *p, size_t i, double v) {
   if (dt == MX_F64) ((double *)p)[i] = v;
-  else if (mx_dtype_is_float(dt)) st_f(dt, p, i, (float)v);
+  else if (mx_dtype_is_float(dt)) st_f(dt, p, i, f32_from_double(dt, v));
   else st_i(dt, p, i, double_to_int(v));
 }
 
@@ -148,16 +155,20 @@ static int cpu_sync(int dev, mx_err *err) {
 
 /* ---- creation ---------------------------------------------------------- */
 
-static int cpu_fill(int dev, int dt, void *dst, size_t n, double value, mx_err *err) {
+static int cpu_fill(int dev, int dt, void *dst, size_t n, mx_scalar value, mx_err *err) {
   (void)dev;
   (void)err;
   if (dt == MX_F32) {
-    float v = (float)value;
+    float v = (float)value.f;
     float *y = dst;
     for (size_t i = 0; i < n; i++) y[i] = v;
     return MX_OK;
   }
-  for (size_t i = 0; i < n; i++) st_d(dt, dst, i, value);
+  if (!mx_dtype_is_float(dt)) {
+    for (size_t i = 0; i < n; i++) st_i(dt, dst, i, value.i);
+    return MX_OK;
+  }
+  for (size_t i = 0; i < n; i++) st_d(dt, dst, i, value.f);
   return MX_OK;
 }
 
@@ -184,8 +195,17 @@ static int cpu_random(int dev, int dt, void *dst, size_t n, uint64_t seed, int d
     } else {
       return arg_error(err, "random: unknown distribution");
     }
-    if (mx_dtype_is_float(dt)) st_d(dt, dst, i, v);
-    else st_i(dt, dst, i, double_to_int(floor(v)));
+    if (!mx_dtype_is_float(dt)) {
+      st_i(dt, dst, i, double_to_int(floor(v)));
+    } else {
+      st_d(dt, dst, i, v);
+      /* keep uniform samples below max after rounding to the dtype */
+      if (dist == MX_UNIFORM && b > a && ld_d(dt, dst, i) >= b) {
+        if (dt == MX_F64) ((double *)dst)[i] = nextafter(b, -INFINITY);
+        else if (dt == MX_F32) ((float *)dst)[i] = mx_step_down_f32(((float *)dst)[i]);
+        else ((uint16_t *)dst)[i] = mx_step_down16(((uint16_t *)dst)[i]);
+      }
+    }
   }
   return MX_OK;
 }
@@ -198,6 +218,10 @@ static int cpu_cast(int dev, int sdt, const void *src, int ddt, void *dst, size_
   (void)err;
   if (sdt == ddt) {
     memcpy(dst, src, n * mx_dtype_size(sdt));
+    return MX_OK;
+  }
+  if (!mx_dtype_is_float(sdt) && !mx_dtype_is_float(ddt)) { /* exact through int64 */
+    for (size_t i = 0; i < n; i++) st_i(ddt, dst, i, ld_i(sdt, src, i));
     return MX_OK;
   }
   for (size_t i = 0; i < n; i++) st_d(ddt, dst, i, ld_d(sdt, src, i));
@@ -249,14 +273,14 @@ static inline int64_t bin_i(int op, int64_t a, int64_t b) {
     case MX_SUB: return (int64_t)(ua - ub);
     case MX_RSUB: return (int64_t)(ub - ua);
     case MX_MUL: return (int64_t)(ua * ub);
-    case MX_DIV: return (b == 0 || (a == INT64_MIN && b == -1)) ? 0 : a / b;
-    case MX_RDIV: return (a == 0 || (b == INT64_MIN && a == -1)) ? 0 : b / a;
+    case MX_DIV: return b == 0 ? 0 : b == -1 ? (int64_t)(0 - ua) : a / b;
+    case MX_RDIV: return a == 0 ? 0 : a == -1 ? (int64_t)(0 - ub) : b / a;
     case MX_MAXIMUM: return a > b ? a : b;
     default: return a < b ? a : b;
   }
 }
 
-static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, double scalar,
+static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, mx_scalar scalar,
                       int bmode, size_t n, size_t bn, void *out, mx_err *err) {
   (void)dev;
   if (bmode == MX_B_TRAILING && bn == 0 && n != 0)
@@ -282,7 +306,7 @@ static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, dou
 #endif
   if (dt == MX_F32) { /* the hot type: one plain loop per op and operand mode */
     const float *x = a, *z = b;
-    float *o = out, s = (float)scalar;
+    float *o = out, s = (float)scalar.f;
 #define F32_LOOPS(EXPR)                                                            \
   do {                                                                             \
     if (bmode == MX_B_SAME) {                                                      \
@@ -310,17 +334,17 @@ static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, dou
     const double *x = a, *z = b;
     double *o = out;
     for (size_t i = 0; i < n; i++) {
-      double bv = bmode == MX_B_SCALAR ? scalar : z[bmode == MX_B_SAME ? i : i % bn];
+      double bv = bmode == MX_B_SCALAR ? scalar.f : z[bmode == MX_B_SAME ? i : i % bn];
       o[i] = bin_d(op, x[i], bv);
     }
   } else if (mx_dtype_is_float(dt)) {
-    float s = (float)scalar;
+    float s = f32_from_double(dt, scalar.f);
     for (size_t i = 0; i < n; i++) {
       float bv = bmode == MX_B_SCALAR ? s : ld_f(dt, b, bmode == MX_B_SAME ? i : i % bn);
       st_f(dt, out, i, bin_f(op, ld_f(dt, a, i), bv));
     }
   } else {
-    int64_t s = double_to_int(scalar);
+    int64_t s = scalar.i;
     for (size_t i = 0; i < n; i++) {
       int64_t bv = bmode == MX_B_SCALAR ? s : ld_i(dt, b, bmode == MX_B_SAME ? i : i % bn);
       st_i(dt, out, i, bin_i(op, ld_i(dt, a, i), bv));
@@ -329,19 +353,19 @@ static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, dou
   return MX_OK;
 }
 
-static int cpu_axpy(int dev, int dt, double alpha, const void *x, const void *y, void *out,
+static int cpu_axpy(int dev, int dt, mx_scalar alpha, const void *x, const void *y, void *out,
                     size_t n, mx_err *err) {
   (void)dev;
   (void)err;
   if (dt == MX_F64) {
     const double *a = x, *b = y;
     double *o = out;
-    for (size_t i = 0; i < n; i++) o[i] = alpha * a[i] + b[i];
+    for (size_t i = 0; i < n; i++) o[i] = alpha.f * a[i] + b[i];
   } else if (mx_dtype_is_float(dt)) {
-    float al = (float)alpha;
+    float al = f32_from_double(dt, alpha.f);
     for (size_t i = 0; i < n; i++) st_f(dt, out, i, al * ld_f(dt, x, i) + ld_f(dt, y, i));
   } else {
-    int64_t al = double_to_int(alpha);
+    int64_t al = alpha.i;
     for (size_t i = 0; i < n; i++)
       st_i(dt, out, i, (int64_t)((uint64_t)al * (uint64_t)ld_i(dt, x, i) + (uint64_t)ld_i(dt, y, i)));
   }
@@ -366,12 +390,14 @@ static int cpu_reduce(int dev, int op, int dt, const void *x, void *out, size_t 
         }
         ((double *)out)[dst] = op == MX_MEAN ? acc / (double)dim : acc;
       } else if (mx_dtype_is_float(dt)) {
-        float acc = ld_f(dt, x, base);
+        /* sums accumulate in double (sequentially, so the order is fixed):
+         * a long f32 sum then carries no more than rounding of the result */
+        double acc = ld_f(dt, x, base);
         for (size_t k = 1; k < dim; k++) {
-          float v = ld_f(dt, x, base + k * inner);
+          double v = ld_f(dt, x, base + k * inner);
           acc = op == MX_RMAX ? ((acc != acc || v != v) ? NAN : (v > acc ? v : acc)) : acc + v;
         }
-        st_f(dt, out, dst, op == MX_MEAN ? acc / (float)dim : acc);
+        st_f(dt, out, dst, (float)(op == MX_MEAN ? acc / (double)dim : acc));
       } else {
         int64_t acc = ld_i(dt, x, base);
         for (size_t k = 1; k < dim; k++) {
@@ -468,6 +494,8 @@ static const mx_backend cpu_backend = {
     .event_record = cpu_event_record,
     .event_elapsed = cpu_event_elapsed,
     .event_destroy = cpu_event_destroy,
+    .scan_forward = cpu_scan_forward,
+    .scan_backward = cpu_scan_backward,
 };
 
 const mx_backend *mx_cpu_backend(void) { return &cpu_backend; }

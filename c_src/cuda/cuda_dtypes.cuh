@@ -8,7 +8,8 @@
  *   store    float -> bf16/f16 by numeric.h (nearest even, NaN quiet);
  *            int64 -> s32/u8 wraps modulo 2^32 / 2^8.
  *   from_double (fill values, scalars, alpha, casts from float types)
- *            float types: (float)v or v; integers: mx_d2i(v), i.e. truncation
+ *            f32: (float)v; f64: v; bf16/f16: mx_f64_to_f32_odd(v), so that
+ *            the store's rounding is the correct f64 -> bf16/f16 rounding; integers: mx_d2i(v), i.e. truncation
  *            toward zero, NaN -> 0, saturating at the int64 limits, then
  *            wrapping on store.
  *
@@ -39,9 +40,10 @@ MX_DEV int64_t mx_wadd(int64_t a, int64_t b) { return (int64_t)((uint64_t)a + (u
 MX_DEV int64_t mx_wsub(int64_t a, int64_t b) { return (int64_t)((uint64_t)a - (uint64_t)b); }
 MX_DEV int64_t mx_wmul(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
 MX_DEV int64_t mx_wneg(int64_t a) { return (int64_t)(0 - (uint64_t)a); }
-/* a / b truncating; b == 0 -> 0 and INT64_MIN / -1 (overflow) -> 0. */
+/* a / b truncating; b == 0 -> 0; INT64_MIN / -1 wraps. */
 MX_DEV int64_t mx_idiv(int64_t a, int64_t b) {
-  if (b == 0 || (a == INT64_MIN && b == -1)) return 0;
+  if (b == 0) return 0;
+  if (b == -1) return mx_wneg(a); /* INT64_MIN / -1 wraps to INT64_MIN */
   return a / b;
 }
 
@@ -53,6 +55,7 @@ struct mx_t_f32 {
   MX_DEV T store(C v) { return v; }
   MX_DEV C from_double(double v) { return (float)v; }
   MX_DEV double to_double(C v) { return (double)v; }
+  MX_DEV T step_down(T v, double) { return mx_step_down_f32(v); }
 };
 
 struct mx_t_f64 {
@@ -63,6 +66,12 @@ struct mx_t_f64 {
   MX_DEV T store(C v) { return v; }
   MX_DEV C from_double(double v) { return v; }
   MX_DEV double to_double(C v) { return v; }
+  /* the largest double below `limit` */
+  MX_DEV T step_down(T, double limit) {
+    if (limit == 0.0) return -4.9406564584124654e-324;
+    long long u = __double_as_longlong(limit);
+    return __longlong_as_double(limit > 0 ? u - 1 : u + 1);
+  }
 };
 
 struct mx_t_bf16 {
@@ -71,8 +80,9 @@ struct mx_t_bf16 {
   static const bool is_int = false;
   MX_DEV C load(T v) { return mx_bf16_to_f32(v); }
   MX_DEV T store(C v) { return mx_f32_to_bf16(v); }
-  MX_DEV C from_double(double v) { return (float)v; }
+  MX_DEV C from_double(double v) { return mx_f64_to_f32_odd(v); }
   MX_DEV double to_double(C v) { return (double)v; }
+  MX_DEV T step_down(T v, double) { return mx_step_down16(v); }
 };
 
 struct mx_t_f16 {
@@ -81,8 +91,9 @@ struct mx_t_f16 {
   static const bool is_int = false;
   MX_DEV C load(T v) { return mx_f16_to_f32(v); }
   MX_DEV T store(C v) { return mx_f32_to_f16(v); }
-  MX_DEV C from_double(double v) { return (float)v; }
+  MX_DEV C from_double(double v) { return mx_f64_to_f32_odd(v); }
   MX_DEV double to_double(C v) { return (double)v; }
+  MX_DEV T step_down(T v, double) { return mx_step_down16(v); }
 };
 
 struct mx_t_s32 {

@@ -33,7 +33,7 @@ MX_CUDA_HIDDEN int mx_cuda_event_elapsed(int dev, void *start, void *end, double
 MX_CUDA_HIDDEN void mx_cuda_event_destroy(int dev, void *event);
 
 /* elementwise.cu */
-MX_CUDA_HIDDEN int mx_cuda_fill(int dev, int dtype, void *dst, size_t n, double value,
+MX_CUDA_HIDDEN int mx_cuda_fill(int dev, int dtype, void *dst, size_t n, mx_scalar value,
                                 mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_iota(int dev, int dtype, void *dst, size_t outer, size_t dim,
                                 size_t inner, mx_err *err);
@@ -44,9 +44,9 @@ MX_CUDA_HIDDEN int mx_cuda_cast(int dev, int src_dtype, const void *src, int dst
 MX_CUDA_HIDDEN int mx_cuda_unary(int dev, int op, int dtype, const void *x, void *y, size_t n,
                                  mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_binary(int dev, int op, int dtype, const void *a, const void *b,
-                                  double scalar, int bmode, size_t n, size_t bn, void *out,
+                                  mx_scalar scalar, int bmode, size_t n, size_t bn, void *out,
                                   mx_err *err);
-MX_CUDA_HIDDEN int mx_cuda_axpy(int dev, int dtype, double alpha, const void *x,
+MX_CUDA_HIDDEN int mx_cuda_axpy(int dev, int dtype, mx_scalar alpha, const void *x,
                                 const void *y, void *out, size_t n, mx_err *err);
 
 /* reduce_permute.cu */

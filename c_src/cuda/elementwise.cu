@@ -9,7 +9,7 @@
  *
  * Numerics, which the CPU backend mirrors bit for bit (cuda_dtypes.cuh has
  * the conversions):
- *   fill     store(from_double(value)).
+ *   fill     store(scalar_value(value)): integers exact, floats as from_double.
  *   iota     element i = store(from_double((double)((i / inner) % dim))).
  *   random   in double: UNIFORM v = a + (b - a) * u, u = mx_rand_unit(seed, i);
  *            NORMAL u1 = 1 - mx_rand_unit(seed, 2i), u2 = mx_rand_unit(seed, 2i+1),
@@ -111,8 +111,8 @@ MX_DEV C unop(C x) {
 template <class D>
 static __global__ void __launch_bounds__(MX_BLOCK)
     fill_kernel(typename D::T *dst, // (n)
-                uint64_t n, double value) {
-  const typename D::T v = D::store(D::from_double(value));
+                uint64_t n, typename D::C value) {
+  const typename D::T v = D::store(value);
   GRID_STRIDE_LOOP(i, n) dst[i] = v;
 }
 
@@ -138,10 +138,14 @@ static __global__ void __launch_bounds__(MX_BLOCK)
       double z = __dmul_rn(sqrt(__dmul_rn(-2.0, log(u1))), cos(__dmul_rn(MX_TWO_PI, u2)));
       v = mx_mul_add(b, z, a);
     }
-    if constexpr (D::is_int)
+    if constexpr (D::is_int) {
       dst[i] = D::store(mx_d2i(floor(v)));
-    else
-      dst[i] = D::store(D::from_double(v));
+    } else {
+      typename D::T r = D::store(D::from_double(v));
+      /* keep uniform samples below max after rounding to the dtype */
+      if (dist == MX_UNIFORM && b > a && D::to_double(D::load(r)) >= b) r = D::step_down(r, b);
+      dst[i] = r;
+    }
   }
 }
 
@@ -269,16 +273,30 @@ static __global__ void __launch_bounds__(MX_BLOCK)
 
 namespace { /* internal linkage: nothing here reaches the symbol table */
 
+/* A scalar operand in D's compute type, on the host, exactly as
+ * D::from_double converts on the device (integers exact from s.i). */
+template <class D>
+static typename D::C scalar_value(mx_scalar s) {
+  if constexpr (D::is_int)
+    return (typename D::C)s.i;
+  else if constexpr (std::is_same<D, mx_t_f64>::value)
+    return s.f;
+  else if constexpr (std::is_same<D, mx_t_f32>::value)
+    return (float)s.f;
+  else
+    return mx_f64_to_f32_odd(s.f); /* bf16, f16: one correct final rounding */
+}
+
 struct fill_forward {
   mx_cuda_dev *d;
   void *dst;
   uint64_t n;
-  double value;
+  mx_scalar value;
   mx_err *err;
   template <class D>
   int run() {
     fill_kernel<D><<<mx_cuda_grid(d, n), MX_BLOCK, 0, d->stream>>>((typename D::T *)dst, n,
-                                                                   value);
+                                                                   scalar_value<D>(value));
     MX_CUDA_LAUNCHED(d, err, "fill_kernel");
     return MX_OK;
   }
@@ -378,7 +396,7 @@ struct binary_forward {
   mx_cuda_dev *d;
   int op;
   const void *a, *b;
-  double scalar;
+  mx_scalar scalar;
   int bmode;
   uint64_t n, bn;
   void *out;
@@ -389,18 +407,13 @@ struct binary_forward {
       if (n >= MX_VEC_MIN && bmode != MX_B_TRAILING && aligned16(a) && aligned16(out) &&
           (bmode == MX_B_SCALAR || aligned16(b))) {
         binary_vec4_kernel<OP><<<mx_cuda_grid(d, n / 4), MX_BLOCK, 0, d->stream>>>(
-            (const float *)a, bmode == MX_B_SAME ? (const float *)b : NULL, (float)scalar, n,
+            (const float *)a, bmode == MX_B_SAME ? (const float *)b : NULL, (float)scalar.f, n,
             (float *)out);
         MX_CUDA_LAUNCHED(d, err, "binary_vec4_kernel");
         return MX_OK;
       }
     }
-    /* The scalar is converted on the host exactly as D::from_double does. */
-    typename D::C s;
-    if constexpr (D::is_int)
-      s = host_d2i(scalar);
-    else
-      s = (typename D::C)scalar;
+    typename D::C s = scalar_value<D>(scalar);
     binary_kernel<D, OP><<<mx_cuda_grid(d, n), MX_BLOCK, 0, d->stream>>>(
         (const typename D::T *)a, (const typename D::T *)b, s, bmode, n, bn,
         (typename D::T *)out);
@@ -420,18 +433,11 @@ struct binary_forward {
       default: return launch<D, MX_MINIMUM>();
     }
   }
-  /* Host twin of mx_d2i. */
-  static int64_t host_d2i(double v) {
-    if (v != v) return 0;
-    if (v >= 9223372036854775808.0) return INT64_MAX;
-    if (v <= -9223372036854775808.0) return INT64_MIN;
-    return (int64_t)v;
-  }
 };
 
 struct axpy_forward {
   mx_cuda_dev *d;
-  double alpha;
+  mx_scalar alpha;
   const void *x, *y;
   void *out;
   uint64_t n;
@@ -441,16 +447,12 @@ struct axpy_forward {
     if constexpr (std::is_same<D, mx_t_f32>::value) {
       if (n >= MX_VEC_MIN && aligned16(x) && aligned16(y) && aligned16(out)) {
         axpy_vec4_kernel<<<mx_cuda_grid(d, n / 4), MX_BLOCK, 0, d->stream>>>(
-            (float)alpha, (const float *)x, (const float *)y, (float *)out, n);
+            (float)alpha.f, (const float *)x, (const float *)y, (float *)out, n);
         MX_CUDA_LAUNCHED(d, err, "axpy_vec4_kernel");
         return MX_OK;
       }
     }
-    typename D::C al;
-    if constexpr (D::is_int)
-      al = binary_forward::host_d2i(alpha);
-    else
-      al = (typename D::C)alpha;
+    typename D::C al = scalar_value<D>(alpha);
     axpy_kernel<D><<<mx_cuda_grid(d, n), MX_BLOCK, 0, d->stream>>>(
         al, (const typename D::T *)x, (const typename D::T *)y, (typename D::T *)out, n);
     MX_CUDA_LAUNCHED(d, err, "axpy_kernel");
@@ -472,7 +474,7 @@ static int enqueue(mx_cuda_dev *d, int dtype, F &fn) {
   return rc;
 }
 
-int mx_cuda_fill(int dev, int dtype, void *dst, size_t n, double value, mx_err *err) {
+int mx_cuda_fill(int dev, int dtype, void *dst, size_t n, mx_scalar value, mx_err *err) {
   mx_cuda_dev *d = NULL;
   int rc = mx_cuda_open(dev, err, &d);
   if (rc != MX_OK) return rc;
@@ -545,7 +547,7 @@ int mx_cuda_unary(int dev, int op, int dtype, const void *x, void *y, size_t n, 
   return enqueue(d, dtype, fn);
 }
 
-int mx_cuda_binary(int dev, int op, int dtype, const void *a, const void *b, double scalar,
+int mx_cuda_binary(int dev, int op, int dtype, const void *a, const void *b, mx_scalar scalar,
                    int bmode, size_t n, size_t bn, void *out, mx_err *err) {
   mx_cuda_dev *d = NULL;
   int rc = mx_cuda_open(dev, err, &d);
@@ -564,7 +566,7 @@ int mx_cuda_binary(int dev, int op, int dtype, const void *a, const void *b, dou
   return enqueue(d, dtype, fn);
 }
 
-int mx_cuda_axpy(int dev, int dtype, double alpha, const void *x, const void *y, void *out,
+int mx_cuda_axpy(int dev, int dtype, mx_scalar alpha, const void *x, const void *y, void *out,
                  size_t n, mx_err *err) {
   mx_cuda_dev *d = NULL;
   int rc = mx_cuda_open(dev, err, &d);

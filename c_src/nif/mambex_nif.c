@@ -197,6 +197,23 @@ int get_tensor_any(ErlNifEnv *env, ERL_NIF_TERM term, mx_tensor **t) {
   return enif_get_resource(env, ref, TENSOR_RT, (void **)t);
 }
 
+int get_scalar(ErlNifEnv *env, ERL_NIF_TERM term, mx_scalar *out) {
+  ErlNifSInt64 i;
+  double f;
+  if (enif_get_int64(env, term, &i)) {
+    out->i = i;
+    out->f = (double)i;
+    return 1;
+  }
+  if (enif_get_double(env, term, &f)) {
+    out->f = f;
+    out->i = f != f ? 0 : f >= 9.2233720368547758e18 ? INT64_MAX
+             : f <= -9.2233720368547758e18 ? INT64_MIN : (int64_t)f;
+    return 1;
+  }
+  return 0;
+}
+
 int get_number(ErlNifEnv *env, ERL_NIF_TERM term, double *out) {
   ErlNifSInt64 i;
   if (enif_get_double(env, term, out)) return 1;
@@ -437,7 +454,7 @@ static ERL_NIF_TERM nif_free(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]
 }
 #undef OP
 
-#define OP "is_live"
+#define OP "live?"
 static ERL_NIF_TERM nif_is_live(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   (void)argc;
   mx_tensor *t;
@@ -471,9 +488,9 @@ static ERL_NIF_TERM nif_is_live(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
 /* fill(shape, type, device, value) */
 static ERL_NIF_TERM nif_fill(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   GET_CREATION_ARGS();
-  double value;
-  if (!get_number(env, argv[3], &value))
-    return raise_arg(env, OP, "value must be a number, got: %.200T", argv[3]);
+  mx_scalar value;
+  if (!get_scalar(env, argv[3], &value))
+    return raise_arg(env, OP, "value must be a float or a 64-bit integer, got: %.200T", argv[3]);
   MAYBE_RESCHEDULE(nif_fill, slot, nbytes, NULL);
   NEW_OUTPUT(out, outs, slot, dtype, shape, rank, NULL);
   mx_err err = {0, {0}};
@@ -655,6 +672,7 @@ static ERL_NIF_TERM nif_concatenate(ErlNifEnv *env, int argc, const ERL_NIF_TERM
     for (int k = 0; !bad && k < ts[0]->rank; k++)
       if (k != axis && ts[i]->shape[k] != ts[0]->shape[k])
         bad = "shapes must agree on every axis but the concatenation axis";
+    if (!bad && ts[i]->shape[axis] > ((int64_t)1 << 62) - total) bad = "the output size overflows";
     if (!bad) {
       total += ts[i]->shape[axis];
       work += ts[i]->nbytes;
@@ -804,12 +822,14 @@ static ERL_NIF_TERM nif_binary(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
 #define OP opn
   static const int reversed[8] = {MX_ADD, MX_RSUB, MX_MUL, MX_RDIV, MX_SUB, MX_DIV, MX_MAXIMUM, MX_MINIMUM};
   mx_tensor *ta = NULL, *tb = NULL;
-  double scalar = 0;
+  mx_scalar scalar = {0, 0};
   int a_is_t = get_tensor_any(env, argv[1], &ta), b_is_t = get_tensor_any(env, argv[2], &tb);
-  if (!a_is_t && !get_number(env, argv[1], &scalar))
-    return raise_arg(env, OP, "a must be a Mambex.Tensor or a number, got: %.200T", argv[1]);
-  if (!b_is_t && !get_number(env, argv[2], &scalar))
-    return raise_arg(env, OP, "b must be a Mambex.Tensor or a number, got: %.200T", argv[2]);
+  if (!a_is_t && !get_scalar(env, argv[1], &scalar))
+    return raise_arg(env, OP, "a must be a Mambex.Tensor, a float or a 64-bit integer, got: %.200T",
+                     argv[1]);
+  if (!b_is_t && !get_scalar(env, argv[2], &scalar))
+    return raise_arg(env, OP, "b must be a Mambex.Tensor, a float or a 64-bit integer, got: %.200T",
+                     argv[2]);
   if (!a_is_t && !b_is_t) return raise_arg(env, OP, "a or b must be a Mambex.Tensor");
   /* Normalise so that `big` is the tensor that gives the output shape. */
   mx_tensor *big = a_is_t ? ta : tb, *small = NULL;
@@ -866,9 +886,9 @@ static ERL_NIF_TERM nif_binary(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
 #define OP "axpy"
 /* axpy(alpha, x, y) = alpha * x + y */
 static ERL_NIF_TERM nif_axpy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-  double alpha;
-  if (!get_number(env, argv[0], &alpha))
-    return raise_arg(env, OP, "alpha must be a number, got: %.200T", argv[0]);
+  mx_scalar alpha;
+  if (!get_scalar(env, argv[0], &alpha))
+    return raise_arg(env, OP, "alpha must be a float or a 64-bit integer, got: %.200T", argv[0]);
   GET_TENSOR(argv[1], tx, sx, "x");
   mx_tensor *ty;
   if (!get_tensor_any(env, argv[2], &ty)) {
@@ -943,7 +963,8 @@ static ERL_NIF_TERM nif_reduce(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
   if (outer * inner == 0) {
     rc = MX_OK;
   } else if (dim == 0) { /* empty sum is 0, empty mean is NaN */
-    rc = be->fill(dev, t->dtype, outs->ptr, outer * inner, op == MX_SUM ? 0.0 : (double)NAN, &err);
+    mx_scalar v = {op == MX_SUM ? 0.0 : (double)NAN, 0};
+    rc = be->fill(dev, t->dtype, outs->ptr, outer * inner, v, &err);
   } else {
     rc = be->reduce(dev, op, t->dtype, mx_data(s, t), outs->ptr, outer, dim, inner, &err);
   }

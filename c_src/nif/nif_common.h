@@ -41,6 +41,9 @@ ERL_NIF_TERM shape_term(ErlNifEnv *env, const int64_t *shape, int rank);
 /* Accepts %Mambex.Tensor{ref: ref} or the bare resource reference. */
 int get_tensor_any(ErlNifEnv *env, ERL_NIF_TERM term, mx_tensor **t);
 int get_number(ErlNifEnv *env, ERL_NIF_TERM term, double *out);
+/* A number as an mx_scalar: integers exact (int64 range), floats truncated
+ * toward zero (saturating) for the integer part. */
+int get_scalar(ErlNifEnv *env, ERL_NIF_TERM term, mx_scalar *out);
 /* The dirty flag an op must move to, or 0 to run where it is. */
 int resched_flags(int slot, size_t work_bytes);
 /* A new tensor resource wrapping storage (takes over the reference). */
@@ -52,6 +55,10 @@ size_t tensor_numel(const mx_tensor *t);
 ERL_NIF_TERM finish(ErlNifEnv *env, const char *op, int rc, const mx_err *err, mx_tensor *out);
 void axis_split(const int64_t *shape, int rank, int axis, size_t *outer, size_t *dim, size_t *inner);
 int get_axis(ErlNifEnv *env, ERL_NIF_TERM term, int rank, int *axis);
+
+/* The selective scan NIFs (scan_nif.c), registered in mambex_nif.c. */
+ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 

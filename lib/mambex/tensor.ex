@@ -51,6 +51,7 @@ defmodule Mambex.Tensor do
   """
   @spec from_binary(binary(), type(), keyword()) :: t()
   def from_binary(data, type, opts \\ []) do
+    opts = check_opts!(opts, [:shape, :device], "from_binary")
     shape = Keyword.get_lazy(opts, :shape, fn -> vector_shape(data, type) end)
     device = Keyword.get(opts, :device, :cpu)
     Mambex.retry_oom(fn -> NIF.from_binary(data, type, shape, device) end)
@@ -73,11 +74,15 @@ defmodule Mambex.Tensor do
   @doc "The first `count` elements as a binary (all when the tensor is smaller)."
   @spec to_binary(t(), non_neg_integer()) :: binary()
   def to_binary(%__MODULE__{type: {_, bits}} = t, count) when is_integer(count) and count >= 0,
-    do: NIF.to_binary(t, div(count * bits, 8))
+    do: NIF.to_binary(t, min(div(count * bits, 8), byte_size_of(t)))
+
+  def to_binary(t, count),
+    do: raise(ArgumentError, "to_binary: expected a Mambex.Tensor and a non-negative count, got: #{inspect(t)}, #{inspect(count)}")
 
   @doc "The elements as a flat list of numbers (`:nan`, `:infinity` and `:neg_infinity` for non-finite floats)."
   @spec to_flat_list(t()) :: [number() | atom()]
   def to_flat_list(%__MODULE__{type: type} = t), do: decode(to_binary(t), type)
+  def to_flat_list(other), do: not_a_tensor!("to_flat_list", other)
 
   @doc false
   def decode(bin, {:f, 32}), do: for(<<x::binary-4 <- bin>>, do: float_or_special(x, 32))
@@ -129,26 +134,54 @@ defmodule Mambex.Tensor do
   @doc "The shape tuple."
   @spec shape(t()) :: shape()
   def shape(%__MODULE__{shape: s}), do: s
+  def shape(other), do: not_a_tensor!("shape", other)
 
   @doc "The type tuple."
   @spec type(t()) :: type()
   def type(%__MODULE__{type: ty}), do: ty
+  def type(other), do: not_a_tensor!("type", other)
 
   @doc "The device."
   @spec device(t()) :: device()
   def device(%__MODULE__{device: d}), do: d
+  def device(other), do: not_a_tensor!("device", other)
 
   @doc "The number of axes."
   @spec rank(t()) :: non_neg_integer()
   def rank(%__MODULE__{shape: s}), do: tuple_size(s)
+  def rank(other), do: not_a_tensor!("rank", other)
 
   @doc "The number of elements."
   @spec size(t()) :: non_neg_integer()
   def size(%__MODULE__{shape: s}), do: s |> Tuple.to_list() |> Enum.reduce(1, &*/2)
+  def size(other), do: not_a_tensor!("size", other)
 
   @doc "The number of bytes of the elements."
   @spec byte_size_of(t()) :: non_neg_integer()
   def byte_size_of(%__MODULE__{type: {_, bits}} = t), do: div(size(t) * bits, 8)
+  def byte_size_of(other), do: not_a_tensor!("byte_size_of", other)
+
+  defp not_a_tensor!(op, other),
+    do: raise(ArgumentError, "#{op}: expected a Mambex.Tensor, got: #{inspect(other)}")
+
+  # Options must be a keyword list of known keys.
+  defp check_opts!(opts, known, op) do
+    unless is_list(opts) and Enum.all?(opts, &match?({k, _} when is_atom(k), &1)) do
+      raise ArgumentError, "#{op}: options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    case Keyword.keys(opts) -- known do
+      [] -> opts
+      unknown -> raise ArgumentError, "#{op}: unknown options #{inspect(unknown)} (known: #{inspect(known)})"
+    end
+  end
+
+  defp fetch_seed!(opts, op) do
+    case Keyword.fetch(opts, :seed) do
+      {:ok, seed} -> seed
+      :error -> raise ArgumentError, "#{op}: the :seed option is required (a non-negative integer)"
+    end
+  end
 
   # ---- creation -----------------------------------------------------------
 
@@ -191,8 +224,9 @@ defmodule Mambex.Tensor do
   """
   @spec random_uniform(shape(), keyword()) :: t()
   def random_uniform(shape, opts) do
+    opts = check_opts!(opts, [:type, :device, :seed, :min, :max], "random_uniform")
     {type, device} = type_device(opts)
-    seed = Keyword.fetch!(opts, :seed)
+    seed = fetch_seed!(opts, "random_uniform")
     min = Keyword.get(opts, :min, 0.0)
     max = Keyword.get(opts, :max, 1.0)
     Mambex.retry_oom(fn -> NIF.random(shape, type, device, seed, :uniform, min, max) end)
@@ -204,8 +238,9 @@ defmodule Mambex.Tensor do
   """
   @spec random_normal(shape(), keyword()) :: t()
   def random_normal(shape, opts) do
+    opts = check_opts!(opts, [:type, :device, :seed, :mean, :std], "random_normal")
     {type, device} = type_device(opts)
-    seed = Keyword.fetch!(opts, :seed)
+    seed = fetch_seed!(opts, "random_normal")
     mean = Keyword.get(opts, :mean, 0.0)
     std = Keyword.get(opts, :std, 1.0)
     Mambex.retry_oom(fn -> NIF.random(shape, type, device, seed, :normal, mean, std) end)
@@ -254,12 +289,13 @@ defimpl Inspect, for: Mambex.Tensor do
 
   @shown 16
 
-  def inspect(%Mambex.Tensor{shape: shape, type: {k, bits} = type, device: device} = t, opts) do
+  def inspect(%Mambex.Tensor{shape: shape, type: {k, bits} = type, device: device} = t, opts)
+      when is_tuple(shape) and is_atom(k) and is_integer(bits) do
     dims = shape |> Tuple.to_list() |> Enum.map_join(&"[#{&1}]")
     dev = if device == :cpu, do: "cpu", else: "cuda:#{elem(device, 1)}"
 
     values =
-      if Mambex.NIF.live?(t) do
+      if live?(t) do
         bin = Mambex.NIF.to_binary(t, div(@shown * bits, 8))
         list = Mambex.Tensor.decode(bin, type)
         more = if Mambex.Tensor.size(t) > @shown, do: ", ...", else: ""
@@ -269,6 +305,14 @@ defimpl Inspect, for: Mambex.Tensor do
       end
 
     concat(["#Mambex.Tensor<", "#{k}#{bits}#{dims} #{dev} ", color(values, :list, opts), ">"])
+  end
+
+  def inspect(other, opts), do: Inspect.Any.inspect(other, opts)
+
+  defp live?(t) do
+    Mambex.NIF.live?(t)
+  rescue
+    ArgumentError -> false
   end
 
   defp fmt(x) when is_float(x), do: :erlang.float_to_binary(x, [:short])
