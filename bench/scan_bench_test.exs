@@ -55,10 +55,19 @@ defmodule Mambex.ScanBench do
   end
 
   defp forward(x) do
-    Scan.forward(x.u, x.delta, x.a, x.b, x.c, d: x.d, z: x.z, delta_bias: x.delta_bias, softplus: true)
+    Scan.forward(x.u, x.delta, x.a, x.b, x.c,
+      d: x.d,
+      z: x.z,
+      delta_bias: x.delta_bias,
+      softplus: true
+    )
   end
 
-  defp fwd_fun(next), do: fn -> {out, fin, _ctx} = forward(next.()); [out, fin] end
+  defp fwd_fun(next),
+    do: fn ->
+      {out, fin, _ctx} = forward(next.())
+      [out, fin]
+    end
 
   defp fwd_bwd_fun(next) do
     fn ->
@@ -125,8 +134,22 @@ defmodule Mambex.ScanBench do
         BenchHelper.report(@csv, [
           row("scan_forward", batch, len, label, dev, Bench.device_time(dev, f, runs: 50)),
           row("scan_forward_wall", batch, len, label, dev, Bench.wall_time(dev, f, runs: 50)),
-          row("scan_forward_backward", batch, len, label, dev, Bench.device_time(dev, fb, runs: 50)),
-          row("scan_forward_backward_wall", batch, len, label, dev, Bench.wall_time(dev, fb, runs: 50))
+          row(
+            "scan_forward_backward",
+            batch,
+            len,
+            label,
+            dev,
+            Bench.device_time(dev, fb, runs: 50)
+          ),
+          row(
+            "scan_forward_backward_wall",
+            batch,
+            len,
+            label,
+            dev,
+            Bench.wall_time(dev, fb, runs: 50)
+          )
         ])
       end
     end

@@ -59,7 +59,10 @@ defmodule Mambex.ScanTestHelpers do
     {c, rng} = uniform(rng, blgn, -1.0, 1.0)
     {d, rng} = uniform(rng, dim, 0.5, 1.5)
     {z, rng} = uniform(rng, bld, -2.0, 2.0)
-    {bias, rng} = if softplus, do: uniform(rng, dim, -4.0, -1.0), else: uniform(rng, dim, 0.0, 0.1)
+
+    {bias, rng} =
+      if softplus, do: uniform(rng, dim, -4.0, -1.0), else: uniform(rng, dim, 0.0, 0.1)
+
     {h0, rng} = uniform(rng, bsz * dim * n, -1.0, 1.0)
     {r, rng} = uniform(rng, bsz * len, 0.0, 1.0)
     {d_out, rng} = uniform(rng, bld, -1.0, 1.0)
@@ -201,8 +204,10 @@ defmodule Mambex.ScanTest do
     {"L61 D100 all", {3, 61, 100, 4, 2}, @all},
     {"L128 z only", {1, 128, 24, 16, 2}, [z: true]},
     {"L129 N1", {3, 129, 24, 1, 1}, [d: true, delta_bias: true, reset: true, grouped: true]},
-    {"L129 D100 N16", {1, 129, 100, 16, 1}, [z: true, d: true, delta_bias: true, initial_state: true]},
-    {"L60 no softplus", {2, 60, 40, 16, 2}, [softplus: false, z: true, initial_state: true, reset: true]},
+    {"L129 D100 N16", {1, 129, 100, 16, 1},
+     [z: true, d: true, delta_bias: true, initial_state: true]},
+    {"L60 no softplus", {2, 60, 40, 16, 2},
+     [softplus: false, z: true, initial_state: true, reset: true]},
     {"N256", {1, 3, 4, 256, 1}, @all},
     {"L127 D100 G4", {2, 127, 100, 8, 4}, @all},
     {"L1 batch 3 G4", {3, 1, 100, 16, 4}, [z: true, initial_state: true]},
@@ -235,7 +240,9 @@ defmodule Mambex.ScanTest do
       assert g.shape == ts[key].shape, "#{name}: gradient of #{key} has shape #{inspect(g.shape)}"
       assert g.type == ts[key].type
       e = rel_err(values(g), rg)
-      assert e <= grad_tol, "#{name}: gradient of #{key}: rel. error #{e} > #{grad_tol} #{seed_note(seed)}"
+
+      assert e <= grad_tol,
+             "#{name}: gradient of #{key}: rel. error #{e} > #{grad_tol} #{seed_note(seed)}"
     end
 
     {inputs, ts, out, fin, grads}
@@ -244,7 +251,14 @@ defmodule Mambex.ScanTest do
   describe "f32 on the CPU against the float64 reference" do
     for {name, dims, opts} <- @cases do
       test "#{name} #{inspect(dims)} #{inspect(opts)}" do
-        check_reference(unquote(name), unquote(Macro.escape(dims)), unquote(opts), :cpu, 1.0e-5, 1.0e-4)
+        check_reference(
+          unquote(name),
+          unquote(Macro.escape(dims)),
+          unquote(opts),
+          :cpu,
+          1.0e-5,
+          1.0e-4
+        )
       end
     end
   end
@@ -256,8 +270,14 @@ defmodule Mambex.ScanTest do
     end
 
     test "L40 no softplus, z only" do
-      check_reference("f64 bare", {1, 40, 20, 4, 1}, [io: {:f, 64}, softplus: false, z: true], :cpu,
-        1.0e-12, 1.0e-11)
+      check_reference(
+        "f64 bare",
+        {1, 40, 20, 4, 1},
+        [io: {:f, 64}, softplus: false, z: true],
+        :cpu,
+        1.0e-12,
+        1.0e-11
+      )
     end
   end
 
@@ -268,8 +288,14 @@ defmodule Mambex.ScanTest do
     end
 
     test "L2049 D24 N64 G2" do
-      check_reference("slow L2049", {1, 2049, 24, 64, 2}, [z: true, d: true, delta_bias: true], :cpu,
-        1.0e-5, 1.0e-4)
+      check_reference(
+        "slow L2049",
+        {1, 2049, 24, 64, 2},
+        [z: true, d: true, delta_bias: true],
+        :cpu,
+        1.0e-5,
+        1.0e-4
+      )
     end
 
     test "L32 D512 N64 G4 batch 2" do
@@ -322,7 +348,9 @@ defmodule Mambex.ScanTest do
 
       for {key, g} <- fd do
         e = rel_err(grads[key], g)
-        assert e <= 1.0e-6, "reference gradient of #{key} vs finite differences: #{e} #{seed_note(seed)}"
+
+        assert e <= 1.0e-6,
+               "reference gradient of #{key} vs finite differences: #{e} #{seed_note(seed)}"
       end
     end
 
@@ -343,7 +371,9 @@ defmodule Mambex.ScanTest do
 
       for {key, g} <- fd do
         e = rel_err(values(grads[key]), g)
-        assert e <= 1.0e-6, "CPU f64 gradient of #{key} vs finite differences: #{e} #{seed_note(seed)}"
+
+        assert e <= 1.0e-6,
+               "CPU f64 gradient of #{key} vs finite differences: #{e} #{seed_note(seed)}"
       end
     end
   end
@@ -352,8 +382,11 @@ defmodule Mambex.ScanTest do
 
   defp slice_all(ts, start, len) do
     Map.new(ts, fn
-      {key, t} when key in [:u, :delta, :z, :b, :c, :reset] -> {key, Tensor.slice(t, 1, start, len)}
-      other -> other
+      {key, t} when key in [:u, :delta, :z, :b, :c, :reset] ->
+        {key, Tensor.slice(t, 1, start, len)}
+
+      other ->
+        other
     end)
   end
 
@@ -406,7 +439,7 @@ defmodule Mambex.ScanTest do
     seed = seed_for("reset")
     {bsz, len, dim, n, _g} = dims = {2, 50, 40, 16, 2}
     t0 = 20
-    inputs = make_inputs(seed, dims, [d: true, z: true, delta_bias: true, initial_state: true])
+    inputs = make_inputs(seed, dims, d: true, z: true, delta_bias: true, initial_state: true)
     reset = for _b <- 1..bsz, t <- 0..(len - 1), do: if(t == t0, do: 1, else: 0)
     ts = Map.put(tensors(inputs, :cpu), :reset, tensor(reset, {bsz, len}, {:u, 8}))
     {out, fin, ctx} = run_forward(ts, inputs)
@@ -430,8 +463,12 @@ defmodule Mambex.ScanTest do
 
     for key <- [:u, :delta, :z, :b, :c] do
       before = values(Tensor.slice(g[key], 1, 0, t0))
-      assert Enum.all?(before, &(&1 == 0.0)), "gradient of #{key} before the reset #{seed_note(seed)}"
-      assert bits(Tensor.slice(g[key], 1, t0, len - t0)) == bits(gs[key]), "#{key} #{seed_note(seed)}"
+
+      assert Enum.all?(before, &(&1 == 0.0)),
+             "gradient of #{key} before the reset #{seed_note(seed)}"
+
+      assert bits(Tensor.slice(g[key], 1, t0, len - t0)) == bits(gs[key]),
+             "#{key} #{seed_note(seed)}"
     end
 
     assert Enum.all?(values(g.initial_state), &(&1 == 0.0)), seed_note(seed)
@@ -441,7 +478,9 @@ defmodule Mambex.ScanTest do
     end
 
     # and with gradients everywhere the suffix part is still that of a fresh start
-    g_all = Scan.backward(ctx, tensor(inputs.d_out, {bsz, len, dim}, {:f, 32}), d_final_state: d_fin)
+    g_all =
+      Scan.backward(ctx, tensor(inputs.d_out, {bsz, len, dim}, {:f, 32}), d_final_state: d_fin)
+
     assert bits(Tensor.slice(g_all.u, 1, t0, len - t0)) == bits(gs.u), seed_note(seed)
   end
 
@@ -499,7 +538,9 @@ defmodule Mambex.ScanTest do
     assert Enum.all?(values(g.d), &(&1 == 0.0))
     assert g.u.shape == {2, 0, dim}
 
-    {out, fin, ctx} = Scan.forward(z3.({0, 5, dim}), z3.({0, 5, dim}), a, z3.({0, 5, n}), z3.({0, 5, n}))
+    {out, fin, ctx} =
+      Scan.forward(z3.({0, 5, dim}), z3.({0, 5, dim}), a, z3.({0, 5, n}), z3.({0, 5, n}))
+
     assert out.shape == {0, 5, dim}
     assert fin.shape == {0, dim, n}
     g = Scan.backward(ctx, z3.({0, 5, dim}))
@@ -518,14 +559,32 @@ defmodule Mambex.ScanTest do
   end
 
   defp nif_args(ts, d_out, d_fin) do
-    [ts.u, ts.delta, ts.a, ts.b, ts.c, ts.d, ts.z, ts.delta_bias, true, ts.initial_state, ts.reset,
-     d_out, d_fin]
+    [
+      ts.u,
+      ts.delta,
+      ts.a,
+      ts.b,
+      ts.c,
+      ts.d,
+      ts.z,
+      ts.delta_bias,
+      true,
+      ts.initial_state,
+      ts.reset,
+      d_out,
+      d_fin
+    ]
   end
 
   defp fwd(ts, over \\ []) do
     ts = Map.merge(ts, Map.new(over))
+
     Scan.forward(ts.u, ts.delta, ts.a, ts.b, ts.c,
-      d: ts.d, z: ts.z, delta_bias: ts.delta_bias, initial_state: ts.initial_state, reset: ts.reset
+      d: ts.d,
+      z: ts.z,
+      delta_bias: ts.delta_bias,
+      initial_state: ts.initial_state,
+      reset: ts.reset
     )
   end
 
@@ -562,17 +621,21 @@ defmodule Mambex.ScanTest do
     # N must be in 1..256
     a257 = f32.({8, 257})
     bc = f32.({2, 5, 2, 257})
+
     assert_raise ArgumentError, ~r/a: the number of states .* 1\.\.256, got: 257/, fn ->
       fwd(ts, a: a257, b: bc, c: bc, initial_state: nil)
     end
 
     # backward: d_out and d_final_state
     {_out, _fin, ctx} = fwd(ts)
+
     assert_raise ArgumentError, ~r/scan_backward: d_out must have the shape of u/, fn ->
       Scan.backward(ctx, f32.({2, 5, 9}))
     end
 
-    assert_raise ArgumentError, ~r/d_out must have type/, fn -> Scan.backward(ctx, f64.({2, 5, 8})) end
+    assert_raise ArgumentError, ~r/d_out must have type/, fn ->
+      Scan.backward(ctx, f64.({2, 5, 8}))
+    end
 
     assert_raise ArgumentError, ~r/d_final_state must have shape/, fn ->
       Scan.backward(ctx, d_out, d_final_state: f32.({2, 8}))
@@ -598,7 +661,9 @@ defmodule Mambex.ScanTest do
       Scan.forward(ts.u, ts.delta, ts.a, ts.b, ts.c, :oops)
     end
 
-    assert_raise ArgumentError, ~r/unknown keys/, fn -> Scan.backward(ctx, d_out, d_fin: d_fin) end
+    assert_raise ArgumentError, ~r/unknown keys/, fn ->
+      Scan.backward(ctx, d_out, d_fin: d_fin)
+    end
   end
 
   test "freed tensors raise ArgumentError naming the argument" do
@@ -611,14 +676,22 @@ defmodule Mambex.ScanTest do
     {ts, d_out, d_fin} = valid_args()
     {_out, _fin, ctx} = fwd(ts)
     Tensor.free(d_fin)
+
     assert_raise ArgumentError, ~r/scan_backward: d_final_state was freed/, fn ->
       Scan.backward(ctx, d_out, d_final_state: d_fin)
     end
 
     Tensor.free(d_out)
-    assert_raise ArgumentError, ~r/scan_backward: d_out was freed/, fn -> Scan.backward(ctx, d_out) end
+
+    assert_raise ArgumentError, ~r/scan_backward: d_out was freed/, fn ->
+      Scan.backward(ctx, d_out)
+    end
+
     Tensor.free(ts.c)
-    assert_raise ArgumentError, ~r/scan_backward: c was freed/, fn -> Scan.backward(ctx, d_out) end
+
+    assert_raise ArgumentError, ~r/scan_backward: c was freed/, fn ->
+      Scan.backward(ctx, d_out)
+    end
   end
 
   test "devices: absent CUDA devices are refused, and a context on one device only" do
@@ -630,7 +703,9 @@ defmodule Mambex.ScanTest do
       fwd(ts, u: {:cuda, 99})
     end
 
-    assert_raise ArgumentError, ~r/d must be a Mambex.Tensor or nil/, fn -> fwd(ts, d: {:cuda, 99}) end
+    assert_raise ArgumentError, ~r/d must be a Mambex.Tensor or nil/, fn ->
+      fwd(ts, d: {:cuda, 99})
+    end
   end
 
   @garbage [:foo, 1, 2.5, "bytes", [], [1], {}, {1, 2}, %{}, %{ref: :nope}, {:cuda, 99}, -1]
@@ -640,7 +715,10 @@ defmodule Mambex.ScanTest do
     full = nif_args(ts, d_out, d_fin)
     bogus = %Tensor{ref: make_ref(), shape: {2, 5, 8}, type: {:f, 32}, device: :cpu}
 
-    for {arity, fun} <- [{11, &apply(Mambex.NIF, :scan_forward, &1)}, {13, &apply(Mambex.NIF, :scan_backward, &1)}],
+    for {arity, fun} <- [
+          {11, &apply(Mambex.NIF, :scan_forward, &1)},
+          {13, &apply(Mambex.NIF, :scan_backward, &1)}
+        ],
         pos <- 0..(arity - 1),
         junk <- [bogus, self() | @garbage] do
       args = full |> Enum.take(arity) |> List.replace_at(pos, junk)
@@ -673,8 +751,14 @@ defmodule Mambex.ScanTest do
 
     for {name, dims, opts} <- @cases do
       test "f32 io on {:cuda, 0} against the reference: #{name}" do
-        check_reference("cuda " <> unquote(name), unquote(Macro.escape(dims)), unquote(opts), cuda(),
-          1.0e-5, 1.0e-4)
+        check_reference(
+          "cuda " <> unquote(name),
+          unquote(Macro.escape(dims)),
+          unquote(opts),
+          cuda(),
+          1.0e-5,
+          1.0e-4
+        )
       end
     end
 
@@ -725,14 +809,80 @@ defmodule Mambex.ScanTest do
 
         gpu = Map.new(ts, fn {k, t} -> {k, Tensor.to_device(t, dev)} end)
 
-        assert_raise ArgumentError, ~r/u must have type {:f, 32}, {:bf, 16} or {:f, 16} on CUDA/, fn ->
-          fwd(gpu, u: Tensor.random_uniform({2, 5, 8}, seed: 1, type: {:f, 64}, device: dev))
-        end
+        assert_raise ArgumentError,
+                     ~r/u must have type {:f, 32}, {:bf, 16} or {:f, 16} on CUDA/,
+                     fn ->
+                       fwd(gpu,
+                         u: Tensor.random_uniform({2, 5, 8}, seed: 1, type: {:f, 64}, device: dev)
+                       )
+                     end
 
         assert_raise ArgumentError, ~r/a must have type/, fn ->
           fwd(gpu, a: Tensor.random_uniform({8, 4}, seed: 1, type: {:f, 64}, device: dev))
         end
       end
     end
+  end
+end
+
+defmodule Mambex.ScanMemoryTest do
+  # Live bytes and handles are global per device, so this module is
+  # `async: false` (ExUnit runs it alone, after the async modules).
+  use ExUnit.Case, async: false
+  import Mambex.ScanTestHelpers
+
+  alias Mambex.{Scan, Tensor}
+
+  defp settle(target) do
+    :erlang.garbage_collect()
+
+    Enum.reduce_while(1..1000, nil, fn _, _ ->
+      :erlang.yield()
+      s = Mambex.memory_stats(:cpu)
+
+      if target == nil or
+           (s.live_bytes == target.live_bytes and s.live_handles == target.live_handles),
+         do: {:halt, s},
+         else: {:cont, s}
+    end)
+  end
+
+  test "live bytes and handles return to their start after many scans, failed ones included" do
+    inputs =
+      make_inputs(seed_for("memory"), {2, 33, 40, 8, 2},
+        io: {:f, 32},
+        d: true,
+        z: true,
+        reset: true
+      )
+
+    before = settle(nil)
+
+    {pid, ref} =
+      spawn_monitor(fn ->
+        ts = tensors(inputs, :cpu)
+        d_out = tensor(inputs.d_out, {2, 33, 40}, {:f, 32})
+        bad = Tensor.zeros({2, 33, 41})
+
+        for i <- 1..300 do
+          {out, fin, ctx} = run_forward(ts, inputs)
+          g = Scan.backward(ctx, d_out)
+          # half freed at once, half left to the garbage collector
+          if rem(i, 2) == 0, do: Enum.each([out, fin | Map.values(g)], &Tensor.free/1)
+
+          try do
+            Scan.backward(ctx, bad)
+          rescue
+            ArgumentError -> :ok
+          end
+        end
+
+        :erlang.garbage_collect()
+      end)
+
+    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 120_000
+    after_ = settle(before)
+    assert after_.live_bytes == before.live_bytes
+    assert after_.live_handles == before.live_handles
   end
 end

@@ -21,6 +21,7 @@
 #include "../core/backend.h"
 #include "../core/numeric.h"
 #include "cpu_kernels.h"
+#include "cpu_pool.h"
 
 /* ---- element access in the compute class of each dtype ---------------- */
 
@@ -228,7 +229,7 @@ static int cpu_cast(int dev, int sdt, const void *src, int ddt, void *dst, size_
   return MX_OK;
 }
 
-static int cpu_unary(int dev, int op, int dt, const void *x, void *y, size_t n, mx_err *err) {
+static int unary_serial(int dev, int op, int dt, const void *x, void *y, size_t n, mx_err *err) {
   (void)dev;
   if (dt == MX_F64) {
     const double *a = x;
@@ -280,7 +281,7 @@ static inline int64_t bin_i(int op, int64_t a, int64_t b) {
   }
 }
 
-static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, mx_scalar scalar,
+static int binary_serial(int dev, int op, int dt, const void *a, const void *b, mx_scalar scalar,
                       int bmode, size_t n, size_t bn, void *out, mx_err *err) {
   (void)dev;
   if (bmode == MX_B_TRAILING && bn == 0 && n != 0)
@@ -288,7 +289,7 @@ static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, mx_
 #ifdef __SSE2__
   /* Large same-shape f32 arithmetic: streaming stores skip the read-for-
    * ownership of the output, as memcpy does (a third fewer bytes moved). */
-  if (dt == MX_F32 && bmode == MX_B_SAME && op <= MX_DIV && n >= ((size_t)1 << 20) &&
+  if (dt == MX_F32 && bmode == MX_B_SAME && op <= MX_DIV && n >= ((size_t)1 << 16) &&
       ((uintptr_t)out & 15) == 0) {
     const float *x = a, *z = b;
     float *o = out;
@@ -353,7 +354,7 @@ static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, mx_
   return MX_OK;
 }
 
-static int cpu_axpy(int dev, int dt, mx_scalar alpha, const void *x, const void *y, void *out,
+static int axpy_serial(int dev, int dt, mx_scalar alpha, const void *x, const void *y, void *out,
                     size_t n, mx_err *err) {
   (void)dev;
   (void)err;
@@ -369,6 +370,73 @@ static int cpu_axpy(int dev, int dt, mx_scalar alpha, const void *x, const void 
     for (size_t i = 0; i < n; i++)
       st_i(dt, out, i, (int64_t)((uint64_t)al * (uint64_t)ld_i(dt, x, i) + (uint64_t)ld_i(dt, y, i)));
   }
+  return MX_OK;
+}
+
+/* ---- threading of large elementwise ops ---------------------------------
+ * Arrays of at least MX_PAR_MIN elements are cut into chunks of about
+ * MX_PAR_CHUNK elements (a multiple of the trailing operand's length), each
+ * chunk run by the serial kernel on a pool worker. Every chunk writes only
+ * its own outputs, so results do not depend on the number of threads. */
+#define MX_PAR_MIN ((size_t)1 << 21)
+#define MX_PAR_CHUNK ((size_t)1 << 18)
+
+typedef struct {
+  int kind; /* 0 unary, 1 binary, 2 axpy */
+  int op, dt, bmode;
+  const char *a, *b;
+  mx_scalar scalar;
+  char *out;
+  size_t n, bn, chunk, es;
+} ew_job;
+
+static void ew_item(void *ctx, int64_t item, int worker) {
+  (void)worker;
+  const ew_job *j = ctx;
+  size_t i0 = (size_t)item * j->chunk;
+  size_t len = j->n - i0 < j->chunk ? j->n - i0 : j->chunk;
+  size_t off = i0 * j->es;
+  mx_err err = {0, {0}};
+  if (j->kind == 0) {
+    unary_serial(0, j->op, j->dt, j->a + off, j->out + off, len, &err);
+  } else if (j->kind == 1) {
+    const char *b = j->bmode == MX_B_SAME ? j->b + off : j->b; /* trailing chunks start at 0 mod bn */
+    binary_serial(0, j->op, j->dt, j->a + off, b, j->scalar, j->bmode, len, j->bn, j->out + off, &err);
+  } else {
+    axpy_serial(0, j->dt, j->scalar, j->a + off, j->b + off, j->out + off, len, &err);
+  }
+}
+
+static void ew_parallel(ew_job *j) {
+  size_t unit = j->bmode == MX_B_TRAILING && j->bn ? j->bn : 1;
+  j->chunk = (MX_PAR_CHUNK + unit - 1) / unit * unit;
+  j->es = mx_dtype_size(j->dt);
+  mx_pool_for((int64_t)((j->n + j->chunk - 1) / j->chunk), ew_item, j);
+}
+
+static int cpu_unary(int dev, int op, int dt, const void *x, void *y, size_t n, mx_err *err) {
+  if (n < MX_PAR_MIN || (op != MX_NEG && !mx_dtype_is_float(dt)))
+    return unary_serial(dev, op, dt, x, y, n, err);
+  ew_job j = {.kind = 0, .op = op, .dt = dt, .a = x, .out = y, .n = n};
+  ew_parallel(&j);
+  return MX_OK;
+}
+
+static int cpu_binary(int dev, int op, int dt, const void *a, const void *b, mx_scalar scalar,
+                      int bmode, size_t n, size_t bn, void *out, mx_err *err) {
+  if (n < MX_PAR_MIN || (bmode == MX_B_TRAILING && bn == 0))
+    return binary_serial(dev, op, dt, a, b, scalar, bmode, n, bn, out, err);
+  ew_job j = {.kind = 1, .op = op, .dt = dt, .bmode = bmode, .a = a, .b = b, .scalar = scalar,
+              .out = out, .n = n, .bn = bn};
+  ew_parallel(&j);
+  return MX_OK;
+}
+
+static int cpu_axpy(int dev, int dt, mx_scalar alpha, const void *x, const void *y, void *out,
+                    size_t n, mx_err *err) {
+  if (n < MX_PAR_MIN) return axpy_serial(dev, dt, alpha, x, y, out, n, err);
+  ew_job j = {.kind = 2, .dt = dt, .a = x, .b = y, .scalar = alpha, .out = out, .n = n};
+  ew_parallel(&j);
   return MX_OK;
 }
 

@@ -12,6 +12,7 @@
 #include "cpu_pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -76,7 +77,14 @@ static void pool_start(void) {
   if (n > MX_POOL_MAX) n = MX_POOL_MAX;
   pthread_attr_t attr;
   int have_attr = pthread_attr_init(&attr) == 0;
-  if (have_attr) pthread_attr_setstacksize(&attr, MX_POOL_STACK);
+  if (have_attr) {
+    pthread_attr_setstacksize(&attr, MX_POOL_STACK);
+    /* Workers may run on any CPU the process may use (the main thread's
+     * set), not only on the CPU the creating scheduler thread is bound to. */
+    cpu_set_t cpus;
+    if (sched_getaffinity(getpid(), sizeof cpus, &cpus) == 0)
+      pthread_attr_setaffinity_np(&attr, sizeof cpus, &cpus);
+  }
   pthread_mutex_lock(&P.lock);
   for (long i = 1; i < n && !P.stop; i++) {
     if (pthread_create(&P.threads[P.nthreads], have_attr ? &attr : NULL, worker_main,

@@ -6,7 +6,9 @@
  *   - The pool is created lazily, on the first parallel call (pthread_once).
  *     It has mx_pool_size() workers, the number of online CPUs: the calling
  *     thread is worker 0 and size - 1 threads are started (fewer if the
- *     system refuses some; never more).
+ *     system refuses some; never more). The threads may run on every CPU
+ *     the process may use, whatever the binding of the thread that created
+ *     them (a BEAM scheduler may be bound to one CPU).
  *   - One parallel for owns the pool at a time. A caller that finds the pool
  *     busy (another dirty scheduler is running a kernel on it) does not wait:
  *     it runs its items itself, in order, as worker 0. So does a call of one

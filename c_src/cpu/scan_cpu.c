@@ -73,22 +73,35 @@
  *     ddelta_bias, summed b = 0, 1, ... afterwards). The number of parts and
  *     the batch slab size are functions of the shapes, never of the number
  *     of threads, so results are bit-identical from run to run and across
- *     machines of different core counts (same compiler and instruction set).
+ *     machines of different core counts and vector widths (same build).
  *   - The forward states recomputed by the backward are computed by the same
  *     code (state_step) in the same order, so they are the very bits the
  *     forward produced.
  *
  * ---- f32 transcendentals ---------------------------------------------------
  *
- * exp, softplus and sigmoid in f32 use the inline functions below so that
- * the loops vectorise: exp by range reduction x = k ln2 + r, |r| <= ln2/2,
- * and the degree-6 Taylor polynomial of exp(r) (truncation < 2e-7 relative,
- * about 3e-7 with rounding); log1p(e) for softplus as 2 atanh(e / (2 + e)),
- * a series in s = e / (2 + e) <= 1/3 (no cancellation for tiny e). Measured
- * over [-87, 88] in steps of 1e-4: exp within 2.6e-7, softplus 3.3e-7 and
- * sigmoid 2.8e-7 of the exact values (relative). exp(x) for x < -86.5 (below
- * 2.7e-38) flushes to zero, which also keeps subnormals out of the loops;
- * x > 88.38 gives +inf (the true overflow is at 88.72). f64 uses libm.
+ * exp, softplus and sigmoid in f32 are inline functions below, so that the
+ * loops vectorise (libm calls would not):
+ *   - the recurrence computes a = exp(dt A) as 2^(dt (A log2 e)), with
+ *     A log2 e formed once per block: x = k + f, k = round(x), |f| <= 1/2,
+ *     and 2^f by the degree-6 Taylor polynomial of exp(f ln 2)
+ *     (scan_exp2f). Within 2.4e-7 of exact 2^x; the extra rounding of
+ *     A log2 e adds |dt A| 6e-8 relative, so below 1e-6 in all for
+ *     |dt A| < 12, and beyond that (a < 6e-6) at most 2.2e-8 absolute
+ *     (|x| e^-|x| <= 1/e);
+ *   - softplus and sigmoid use scan_expf, exp by Cody-Waite reduction
+ *     x = k ln2 + r, |r| <= ln2/2, and the same degree-6 polynomial (within
+ *     2.6e-7 of exact exp), and log1p(e) as 2 atanh(e / (2 + e)), a series
+ *     in s = e / (2 + e) <= 1/3 with no cancellation for tiny e. softplus is
+ *     within 3.3e-7, sigmoid within 2.8e-7 of the exact values (relative).
+ * (Measured over the whole range in steps of 1e-4.) Results below 2.7e-38
+ * (exp(x), x < -86.5) flush to zero, which also keeps subnormals out of
+ * the loops; exp overflows to +inf from x > 88.38 (true overflow: 88.72);
+ * NaN propagates. f64 uses libm.
+ *
+ * The AVX2 and AVX-512 builds of the f32 kernels (scan_kernels_for picks one
+ * at run time) give the same bits as the SSE one: no FMA is formed (C11
+ * mode), and no reduction depends on the vector width.
  */
 /* The loops below select with ?: on float comparisons (clamps, thresholds).
  * Under GCC's default -ftrapping-math such selects are not if-converted and
@@ -99,6 +112,7 @@
 #endif
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,11 +130,13 @@
 /* Work items wanted per backward call (a constant: it must not depend on the
  * number of threads, since the parts decide the order of the dB/dC sums). */
 #define MX_SCAN_ITEMS 64
-/* Below this many (b, t, d, n) elements a call runs on the calling thread. */
-#define MX_SCAN_SERIAL_WORK 32768
+/* Below this many (b, t, d, n) elements a call runs on the calling thread
+ * (about 100 us of work: the NIF runs such calls on a normal scheduler). */
+#define MX_SCAN_SERIAL_WORK 65536
 /* Scratch of one recompute chunk; memory budget of the backward partials. */
 #define MX_SCAN_CHUNK_BYTES ((size_t)512 << 10)
 #define MX_SCAN_PARTIAL_BYTES ((size_t)256 << 20)
+#define MX_SCAN_KEEP_BYTES ((size_t)64 << 20)
 
 typedef struct {
   const mx_scan_args *a;
@@ -163,6 +179,32 @@ static inline float scan_expf(float x) {
   return x != x ? x : e;
 }
 
+/* 2^x, for the recurrence: exp(dt A) = 2^(dt (A log2 e)), with A log2 e formed
+ * once per block (SC_KSCALE), so that no range reduction by ln 2 is needed:
+ * x = k + f with k = round(x), f = x - k exact, |f| <= 1/2, and 2^f by the
+ * degree-6 Taylor polynomial of exp(f ln 2). */
+static inline float scan_exp2f(float x) {
+  const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+  const uint32_t shifter_bits = 0x4B400000u;
+  /* Clamp to [-124.79, 127.6] = [-86.5, 88.45] / ln 2 (a NaN becomes -124.79
+   * here and NaN again below). */
+  float xc = x >= -124.79f ? x : -124.79f;
+  xc = xc <= 127.6f ? xc : 127.6f;
+  float t = xc + shifter; /* shifter + k, k in [-125, 128] */
+  float k = t - shifter;
+  float f = xc - k;
+  float p = 1.0f + f * (0.693147181f + f * (0.240226507f + f * (0.0555041087f +
+                        f * (0.00961812911f + f * (0.00133335581f + f * 0.000154035304f)))));
+  uint32_t tb;
+  memcpy(&tb, &t, sizeof tb);
+  uint32_t bits = (tb - shifter_bits + 127u) << 23; /* 2^k; k = 128 gives +inf */
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  float e = p * scale;
+  e = x < -124.79f ? 0.0f : e;
+  return x != x ? x : e;
+}
+
 static inline float scan_softplusf(float x) {
   float e = scan_expf(-fabsf(x));
   float s = e / (2.0f + e);
@@ -181,7 +223,8 @@ static inline double scan_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
 /* ---- the kernels, once per type (and per vector width for f32) --------- */
 
-#define SC_EXP(x) scan_expf(x)
+#define SC_KSCALE 1.44269504088896341f
+#define SC_EXPK(x) scan_exp2f(x)
 #define SC_SOFTPLUS(x) scan_softplusf(x)
 #define SC_SIGMOID(x) scan_sigmoidf(x)
 #define REAL float
@@ -213,19 +256,22 @@ static inline double scan_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 #endif
 
 #undef REAL
-#undef SC_EXP
+#undef SC_KSCALE
+#undef SC_EXPK
 #undef SC_SOFTPLUS
 #undef SC_SIGMOID
 
 #define REAL double
 #define SFX f64
-#define SC_EXP(x) exp(x)
+#define SC_KSCALE 1.0
+#define SC_EXPK(x) exp(x)
 #define SC_SOFTPLUS(x) scan_softplus(x)
 #define SC_SIGMOID(x) scan_sigmoid(x)
 #include "scan_cpu_impl.h"
 #undef REAL
 #undef SFX
-#undef SC_EXP
+#undef SC_KSCALE
+#undef SC_EXPK
 #undef SC_SOFTPLUS
 #undef SC_SIGMOID
 
@@ -252,18 +298,63 @@ static int scan_check(const mx_scan_args *a, const char *op, mx_err *err) {
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-static void *scan_alloc(size_t bytes) { return aligned_alloc(64, round64(bytes ? bytes : 1)); }
+/* Scratch memory. One block is kept between calls (up to
+ * MX_SCAN_KEEP_BYTES), so that a run of scans does not fault in fresh pages
+ * on every call; one call at a time takes it, others allocate their own. */
+static pthread_mutex_t keep_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *keep_ptr;
+static size_t keep_size;
+
+static void *scratch_take(size_t bytes, size_t *size) {
+  void *p = NULL;
+  bytes = round64(bytes ? bytes : 1);
+  pthread_mutex_lock(&keep_lock);
+  if (keep_ptr && keep_size >= bytes) {
+    p = keep_ptr;
+    *size = keep_size;
+    keep_ptr = NULL;
+  }
+  pthread_mutex_unlock(&keep_lock);
+  if (!p) {
+    p = aligned_alloc(64, bytes);
+    *size = bytes;
+  }
+  return p;
+}
+
+/* Keeps the larger of the block given back and the one kept; frees the other. */
+static void scratch_give(void *p, size_t size) {
+  if (p && size <= MX_SCAN_KEEP_BYTES) {
+    pthread_mutex_lock(&keep_lock);
+    if (!keep_ptr || keep_size < size) {
+      void *old = keep_ptr;
+      keep_ptr = p;
+      keep_size = size;
+      p = old;
+    }
+    pthread_mutex_unlock(&keep_lock);
+  }
+  free(p);
+}
+
+__attribute__((destructor)) static void scratch_release(void) {
+  free(keep_ptr);
+  keep_ptr = NULL;
+}
 
 typedef struct {
   mx_pool_fn fwd, bwd, reduce_bc, reduce_param;
 } scan_kernels;
 
-static const scan_kernels *scan_kernels_for(int dtype) {
-  static const scan_kernels f32 = {fwd_item_f32, bwd_item_f32, reduce_bc_item_f32,
-                                   reduce_param_item_f32};
-  static const scan_kernels f64 = {fwd_item_f64, bwd_item_f64, reduce_bc_item_f64,
-                                   reduce_param_item_f64};
-  if (dtype != MX_F32) return &f64;
+static const scan_kernels scan_f32 = {fwd_item_f32, bwd_item_f32, reduce_bc_item_f32,
+                                      reduce_param_item_f32};
+static const scan_kernels scan_f64 = {fwd_item_f64, bwd_item_f64, reduce_bc_item_f64,
+                                      reduce_param_item_f64};
+static const scan_kernels *scan_f32_best = &scan_f32;
+static pthread_once_t scan_pick_once = PTHREAD_ONCE_INIT;
+
+/* The widest f32 build this CPU (and its OS) supports. */
+static void scan_pick(void) {
 #ifdef SCAN_HAVE_X86_VARIANTS
   static const scan_kernels f32_avx2 = {fwd_item_f32_avx2, bwd_item_f32_avx2,
                                         reduce_bc_item_f32_avx2, reduce_param_item_f32_avx2};
@@ -273,10 +364,16 @@ static const scan_kernels *scan_kernels_for(int dtype) {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return &f32_avx512;
-  if (__builtin_cpu_supports("avx2")) return &f32_avx2;
+    scan_f32_best = &f32_avx512;
+  else if (__builtin_cpu_supports("avx2"))
+    scan_f32_best = &f32_avx2;
 #endif
-  return &f32;
+}
+
+static const scan_kernels *scan_kernels_for(int dtype) {
+  if (dtype != MX_F32) return &scan_f64;
+  pthread_once(&scan_pick_once, scan_pick);
+  return scan_f32_best;
 }
 
 /* Runs the items on the pool, or on this thread when the call is small. */
@@ -304,10 +401,11 @@ int cpu_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last, mx
   const int parallel = work >= MX_SCAN_SERIAL_WORK;
   const int workers = parallel ? mx_pool_size() : 1;
   c.scratch_stride = round64(2 * (size_t)N * LANES * rs);
-  c.scratch = scan_alloc(c.scratch_stride * (size_t)workers);
+  size_t size;
+  c.scratch = scratch_take(c.scratch_stride * (size_t)workers, &size);
   if (!c.scratch) return scan_fail(err, MX_E_OOM, op, "out of host memory for scratch");
   scan_run(items, scan_kernels_for(a->io)->fwd, &c, parallel);
-  free(c.scratch);
+  scratch_give(c.scratch, size);
   return MX_OK;
 }
 
@@ -361,28 +459,31 @@ int cpu_scan_backward(int dev, const mx_scan_args *a, const void *d_out, const v
   const int parallel = work >= MX_SCAN_SERIAL_WORK;
   const int workers = parallel ? mx_pool_size() : 1;
   const int64_t nck = c.nchunks > 0 ? c.nchunks : 1;
-  c.scratch_stride = round64(((6 + (size_t)nck + 2 * (size_t)S) * NL + 3 * (size_t)S * LANES) * rs);
-  c.scratch = scan_alloc(c.scratch_stride * (size_t)workers);
-  c.dA_part = scan_alloc((size_t)(slab * D * N) * rs);
-  c.dD_part = scan_alloc((size_t)(slab * D) * rs);
-  c.dbias_part = scan_alloc((size_t)(slab * D) * rs);
-  c.bc_part = P > 1 ? scan_alloc((size_t)(slab * G * P * 2 * L * N) * rs) : NULL;
-  if (!c.scratch || !c.dA_part || !c.dD_part || !c.dbias_part || (P > 1 && !c.bc_part)) {
-    rc = scan_fail(err, MX_E_OOM, op, "out of host memory for scratch");
-  } else {
-    const scan_kernels *k = scan_kernels_for(a->io);
-    for (int64_t b0 = 0; b0 < B; b0 += slab) {
-      c.b0 = b0;
-      c.slab_len = B - b0 < slab ? B - b0 : slab;
-      scan_run(c.slab_len * G * P, k->bwd, &c, parallel);
-      if (P > 1) scan_run(c.slab_len * G, k->reduce_bc, &c, parallel);
-      scan_run((D + 63) / 64, k->reduce_param, &c, parallel);
-    }
+  c.scratch_stride = round64(((7 + (size_t)nck + 2 * (size_t)S) * NL + 3 * (size_t)S * LANES) * rs);
+  /* One block: per-worker scratch, then the partials. */
+  const size_t scratch_bytes = c.scratch_stride * (size_t)workers;
+  const size_t dA_bytes = round64((size_t)(slab * D * N) * rs);
+  const size_t vec_bytes = round64((size_t)(slab * D) * rs);
+  const size_t bc_bytes = P > 1 ? round64((size_t)(slab * G * P * 2 * L * N) * rs) : 0;
+  size_t size;
+  char *block = scratch_take(scratch_bytes + dA_bytes + 2 * vec_bytes + bc_bytes, &size);
+  if (!block) return scan_fail(err, MX_E_OOM, op, "out of host memory for scratch");
+  c.scratch = block;
+  c.dA_part = block + scratch_bytes;
+  c.dD_part = block + scratch_bytes + dA_bytes;
+  c.dbias_part = block + scratch_bytes + dA_bytes + vec_bytes;
+  c.bc_part = P > 1 ? block + scratch_bytes + dA_bytes + 2 * vec_bytes : NULL;
+  const scan_kernels *k = scan_kernels_for(a->io);
+  for (int64_t b0 = 0; b0 < B; b0 += slab) {
+    c.b0 = b0;
+    c.slab_len = B - b0 < slab ? B - b0 : slab;
+    scan_run(c.slab_len * G * P, k->bwd, &c, parallel);
+    /* The sums of the partials are light: threaded only when large. */
+    const double bc_work = (double)(c.slab_len * G * P) * (double)(2 * L * N);
+    const double param_work = (double)(c.slab_len * D) * (double)(N + 2);
+    if (P > 1) scan_run(c.slab_len * G, k->reduce_bc, &c, bc_work >= 8 * MX_SCAN_SERIAL_WORK);
+    scan_run((D + 63) / 64, k->reduce_param, &c, param_work >= 8 * MX_SCAN_SERIAL_WORK);
   }
-  free(c.scratch);
-  free(c.dA_part);
-  free(c.dD_part);
-  free(c.dbias_part);
-  free(c.bc_part);
-  return rc;
+  scratch_give(block, size);
+  return MX_OK;
 }

@@ -4,7 +4,8 @@
  *
  *   REAL            float or double: the type of every tensor and of all math
  *   SFX             the suffix of the generated names (f32, f64)
- *   SC_EXP(x)       exp
+ *   SC_KSCALE       a constant the recurrence multiplies A by, once per block
+ *   SC_EXPK(x)      exp(x / SC_KSCALE): a = SC_EXPK(dt (A SC_KSCALE)) = exp(dt A)
  *   SC_SOFTPLUS(x)  x > 20 ? x : log1p(exp(x))
  *   SC_SIGMOID(x)   1 / (1 + exp(-x))
  *
@@ -49,6 +50,26 @@ static inline void FN(prefetch_row)(const void *base, int64_t row, int write) {
   }
 }
 
+/* The same for `count` rows from `row`, `step` apart (step = +-D): the
+ * first rows of a loop, before its own prefetches SC_AHEAD steps on start. */
+static inline void FN(prefetch_rows)(const void *base, int64_t row, int64_t step, int64_t count,
+                                     int write) {
+  for (int64_t k = 0; k < count; k++) FN(prefetch_row)(base, row + k * step, write);
+}
+
+/* A (D, N) at channel d0 into the block layout [n][w]: Ak = A SC_KSCALE for
+ * the recurrence and, when At is not NULL, At = A itself. */
+static void FN(load_A)(REAL *restrict Ak, REAL *restrict At, const void *A, int64_t d0,
+                       int64_t N, int W) {
+  const REAL *Am = (const REAL *)A + d0 * N;
+  for (int w = 0; w < LANES; w++)
+    for (int64_t n = 0; n < N; n++) {
+      REAL v = w < W ? Am[w * N + n] : (REAL)0;
+      Ak[n * LANES + w] = v * (REAL)SC_KSCALE;
+      if (At) At[n * LANES + w] = v;
+    }
+}
+
 /* Sum of 16 lanes in a fixed tree order. */
 static inline REAL FN(sum_lanes)(const REAL *restrict v) {
   REAL a8[8], a4[4];
@@ -83,19 +104,20 @@ static inline void FN(step_inputs)(const mx_scan_args *a, int64_t row, int W,
 
 /* One step of the recurrence for a block, from state `prev` to `hnew`
  * (which may be the same array): a = exp(dt A), hnew = a prev + du B, and
- * y += C hnew over n in order. `aout` (may be NULL) receives a. */
-static inline void FN(state_step)(int64_t N, const REAL *restrict At, const REAL *restrict dt,
+ * y += C hnew over n in order. Ak is A SC_KSCALE in the block layout;
+ * `aout` (may be NULL) receives a. */
+static inline void FN(state_step)(int64_t N, const REAL *restrict Ak, const REAL *restrict dt,
                                   const REAL *restrict du, const REAL *restrict Bt,
                                   const REAL *restrict Ct, const REAL *prev, REAL *hnew,
                                   REAL *restrict aout, REAL *restrict y) {
   for (int64_t n = 0; n < N; n++) {
     const REAL bn = Bt[n], cn = Ct[n];
-    const REAL *An = At + n * LANES, *pn = prev + n * LANES;
+    const REAL *An = Ak + n * LANES, *pn = prev + n * LANES;
     REAL *hn = hnew + n * LANES;
     if (aout) {
       REAL *restrict an = aout + n * LANES;
       for (int w = 0; w < LANES; w++) {
-        REAL av = SC_EXP(dt[w] * An[w]);
+        REAL av = SC_EXPK(dt[w] * An[w]);
         REAL hv = av * pn[w] + du[w] * bn;
         an[w] = av;
         hn[w] = hv;
@@ -103,7 +125,7 @@ static inline void FN(state_step)(int64_t N, const REAL *restrict At, const REAL
       }
     } else {
       for (int w = 0; w < LANES; w++) {
-        REAL av = SC_EXP(dt[w] * An[w]);
+        REAL av = SC_EXPK(dt[w] * An[w]);
         REAL hv = av * pn[w] + du[w] * bn;
         hn[w] = hv;
         y[w] += cn * hv;
@@ -152,16 +174,19 @@ static void FN(fwd_item)(void *vctx, int64_t item, int worker) {
   const int64_t d0 = g * Dg + k * LANES;
   const int W = (int)(Dg - k * LANES < LANES ? Dg - k * LANES : LANES);
   REAL *h = (REAL *)(c->scratch + (size_t)worker * c->scratch_stride);
-  REAL *At = h + N * LANES;
+  REAL *Ak = h + N * LANES;
   REAL bias[LANES], Dv[LANES], x[LANES], dt[LANES], uu[LANES], du[LANES], zz[LANES], y[LANES];
 
-  for (int w = 0; w < LANES; w++)
-    for (int64_t n = 0; n < N; n++)
-      At[n * LANES + w] = w < W ? ((const REAL *)a->A)[(d0 + w) * N + n] : (REAL)0;
+  FN(load_A)(Ak, NULL, a->A, d0, N, W);
   FN(load_lanes)(bias, a->delta_bias ? (const REAL *)a->delta_bias + d0 : NULL, W);
   FN(load_lanes)(Dv, a->Dskip ? (const REAL *)a->Dskip + d0 : NULL, W);
   FN(load_state)(h, a->h0 ? (const REAL *)a->h0 + (b * D + d0) * N : NULL, N, W);
 
+  const int64_t first = L < SC_AHEAD ? L : SC_AHEAD;
+  FN(prefetch_rows)(a->u, b * L * D + d0, D, first, 0);
+  FN(prefetch_rows)(a->delta, b * L * D + d0, D, first, 0);
+  FN(prefetch_rows)(a->z, b * L * D + d0, D, first, 0);
+  FN(prefetch_rows)(c->out, b * L * D + d0, D, first, 1);
   for (int64_t t = 0; t < L; t++) {
     const int64_t row = (b * L + t) * D + d0;
     const int64_t brow = ((b * L + t) * G + g) * N;
@@ -175,7 +200,7 @@ static void FN(fwd_item)(void *vctx, int64_t item, int worker) {
     FN(step_inputs)(a, row, W, bias, x, dt, uu, du);
     for (int w = 0; w < LANES; w++) y[w] = Dv[w] * uu[w];
     if (a->reset && a->reset[b * L + t]) memset(h, 0, (size_t)N * LANES * sizeof(REAL));
-    FN(state_step)(N, At, dt, du, (const REAL *)a->Bm + brow, (const REAL *)a->Cm + brow, h, h,
+    FN(state_step)(N, Ak, dt, du, (const REAL *)a->Bm + brow, (const REAL *)a->Cm + brow, h, h,
                    NULL, y);
     if (a->z) {
       FN(load_lanes)(zz, (const REAL *)a->z + row, W);
@@ -202,7 +227,7 @@ static void FN(bwd_item)(void *vctx, int64_t item, int worker) {
   const int64_t k0 = c->nsub * p / P, k1 = c->nsub * (p + 1) / P;
 
   REAL *At = (REAL *)(c->scratch + (size_t)worker * c->scratch_stride);
-  REAL *dh = At + NL, *dA = dh + NL, *zeros = dA + NL, *ck = zeros + NL;
+  REAL *Ak = At + NL, *dh = Ak + NL, *dA = dh + NL, *zeros = dA + NL, *ck = zeros + NL;
   REAL *tb = ck + (NC > 0 ? NC : 1) * NL, *tc = tb + NL;
   REAL *abuf = tc + NL, *hbuf = abuf + S * NL;
   REAL *xbuf = hbuf + S * NL, *dtbuf = xbuf + S * LANES, *ybuf = dtbuf + S * LANES;
@@ -233,9 +258,7 @@ static void FN(bwd_item)(void *vctx, int64_t item, int worker) {
   for (int64_t k = k0; k < k1; k++) {
     const int64_t d0 = g * Dg + k * LANES;
     const int W = (int)(Dg - k * LANES < LANES ? Dg - k * LANES : LANES);
-    for (int w = 0; w < LANES; w++)
-      for (int64_t n = 0; n < N; n++)
-        At[n * LANES + w] = w < W ? ((const REAL *)a->A)[(d0 + w) * N + n] : (REAL)0;
+    FN(load_A)(Ak, At, a->A, d0, N, W);
     FN(load_lanes)(bias, a->delta_bias ? (const REAL *)a->delta_bias + d0 : NULL, W);
     FN(load_lanes)(Dv, a->Dskip ? (const REAL *)a->Dskip + d0 : NULL, W);
     memset(dA, 0, (size_t)NL * sizeof(REAL));
@@ -247,6 +270,10 @@ static void FN(bwd_item)(void *vctx, int64_t item, int worker) {
     for (int64_t ci = 0; ci + 1 < NC; ci++) {
       REAL *h = ck + (ci + 1) * NL;
       memcpy(h, ck + ci * NL, (size_t)NL * sizeof(REAL));
+      if (ci == 0) {
+        FN(prefetch_rows)(a->u, b * L * D + d0, D, SC_AHEAD < S ? SC_AHEAD : S, 0);
+        FN(prefetch_rows)(a->delta, b * L * D + d0, D, SC_AHEAD < S ? SC_AHEAD : S, 0);
+      }
       for (int64_t t = ci * S; t < (ci + 1) * S; t++) {
         const int64_t row = (b * L + t) * D + d0, brow = ((b * L + t) * G + g) * N;
         if (t + SC_AHEAD < L) {
@@ -255,7 +282,7 @@ static void FN(bwd_item)(void *vctx, int64_t item, int worker) {
         }
         FN(step_inputs)(a, row, W, bias, x, dt, uu, du);
         if (a->reset && a->reset[b * L + t]) memset(h, 0, (size_t)NL * sizeof(REAL));
-        FN(state_step)(N, At, dt, du, (const REAL *)a->Bm + brow, (const REAL *)a->Cm + brow, h,
+        FN(state_step)(N, Ak, dt, du, (const REAL *)a->Bm + brow, (const REAL *)a->Cm + brow, h,
                        h, NULL, y);
       }
     }
@@ -264,6 +291,12 @@ static void FN(bwd_item)(void *vctx, int64_t item, int worker) {
     FN(load_state)(dh, c->dh_last ? (const REAL *)c->dh_last + (b * D + d0) * N : NULL, N, W);
     for (int64_t ci = NC - 1; ci >= 0; ci--) {
       const int64_t t0 = ci * S, len = (L - t0 < S) ? L - t0 : S;
+      const int64_t first = len < SC_AHEAD ? len : SC_AHEAD;
+      const int64_t row0 = (b * L + t0) * D + d0, rowl = row0 + (len - 1) * D;
+      FN(prefetch_rows)(a->u, row0, D, first, 0);
+      FN(prefetch_rows)(a->delta, row0, D, first, 0);
+      FN(prefetch_rows)(c->d_out, rowl, -D, first, 0);
+      FN(prefetch_rows)(a->z, rowl, -D, first, 0);
       for (int64_t s = 0; s < len; s++) {
         const int64_t t = t0 + s;
         const int64_t row = (b * L + t) * D + d0, brow = ((b * L + t) * G + g) * N;
@@ -276,7 +309,7 @@ static void FN(bwd_item)(void *vctx, int64_t item, int worker) {
         for (int w = 0; w < LANES; w++) y[w] = Dv[w] * uu[w];
         const int rst = a->reset && a->reset[b * L + t];
         const REAL *prev = rst ? zeros : s == 0 ? ck + ci * NL : hbuf + (s - 1) * NL;
-        FN(state_step)(N, At, dts, du, (const REAL *)a->Bm + brow, (const REAL *)a->Cm + brow,
+        FN(state_step)(N, Ak, dts, du, (const REAL *)a->Bm + brow, (const REAL *)a->Cm + brow,
                        prev, hbuf + s * NL, abuf + s * NL, y);
         memcpy(ybuf + s * LANES, y, sizeof y);
       }

@@ -87,24 +87,29 @@ static __device__ __forceinline__ unsigned warp_mask(void) {
 }
 
 /* ---- forward --------------------------------------------------------------
- * grid (D / CH, B), block CH * LPC threads.
- * shared: u_s, dt_s, y_s (TC, CH); B_s, C_s (TC, N); rs_s (TC). */
-template <class IO, int NPT, int LPC>
-__global__ void scan_forward_kernel(scan_params p) {
+ * grid (D / CH, B), block CH * LPC threads (LPC lanes per channel, NPT states
+ * per lane). Chunks of TC steps are software-pipelined: the global loads of
+ * chunk k + 1 are issued into registers (pre) before chunk k is computed,
+ * and written to shared memory (converted, bias and softplus applied) after.
+ * Lanes write partial sums over their states to ys_s; the store phase adds
+ * the LPC partials of a channel, applies D·u and the gate, and writes out
+ * coalesced. shared: u_s, dt_s (TC, CH); ys_s (TC, CH, LPC); B_s, C_s (TC, N);
+ * rs_s (TC). PRE = per-thread prefetch slots = ceil(TC * CH / threads). */
+template <class IO, int NPT, int LPC, int TC, int PRE>
+__global__ void __launch_bounds__(256, (NPT >= 16 ? 2 : 1)) scan_forward_kernel(scan_params p) {
   typedef typename IO::T T;
   extern __shared__ float smem[];
-  const int CH = p.CH, TC = p.TC, N = p.N, D = p.D, L = p.L;
-  float *u_s = smem;                 // (TC, CH)
-  float *dt_s = u_s + TC * CH;       // (TC, CH)
-  float *y_s = dt_s + TC * CH;       // (TC, CH)
-  float *B_s = y_s + TC * CH;        // (TC, N)
-  float *C_s = B_s + TC * N;         // (TC, N)
-  float *rs_s = C_s + TC * N;        // (TC)
+  const int CH = p.CH, N = p.N, D = p.D, L = p.L;
+  float *u_s = smem;                  // (TC, CH)
+  float *dt_s = u_s + TC * CH;        // (TC, CH)
+  float *ys_s = dt_s + TC * CH;       // (TC, CH, LPC)
+  float *B_s = ys_s + TC * CH * LPC;  // (TC, N)
+  float *C_s = B_s + TC * N;          // (TC, N)
+  float *rs_s = C_s + TC * N;         // (TC)
 
-  const int b = blockIdx.y, d0 = blockIdx.x * CH;
+  const int b = blockIdx.y, d0 = blockIdx.x * CH, nthr = blockDim.x;
   const int g = d0 / (D / p.G);
   const int c = threadIdx.x / LPC, j = threadIdx.x % LPC, d = d0 + c;
-  const unsigned mask = warp_mask();
   const T *u = (const T *)p.u, *delta = (const T *)p.delta;
   const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *z = (const T *)p.z;
   T *out = (T *)p.out;
@@ -116,29 +121,67 @@ __global__ void scan_forward_kernel(scan_params p) {
     a2[k] = n < N ? p.A[(int64_t)d * N + n] * LOG2E : 0.0f;
     h[k] = (n < N && p.h0) ? p.h0[((int64_t)b * D + d) * N + n] : 0.0f;
   }
-  const float Dd = p.Dskip ? p.Dskip[d] : 0.0f;
 
-  for (int t0 = 0; t0 < L; t0 += TC) {
+  /* prefetch registers: raw u and delta of (t, cc) = slot i, B and C */
+  const int PREBC = 4; /* B, C slots prefetched; any beyond are loaded at commit */
+  T pu[PRE], pd[PRE], pb[PREBC], pc[PREBC];
+  auto prefetch = [&](int t0) {
     const int tc = min(TC, L - t0);
-    /* stage the chunk's inputs */
-    for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
-      int t = i / CH, cc = i % CH;
-      int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
-      float dl = IO::load(delta[gi]) + (p.dbias ? p.dbias[d0 + cc] : 0.0f);
-      u_s[t * CH + cc] = IO::load(u[gi]);
-      dt_s[t * CH + cc] = p.softplus ? softplus_f(dl) : dl;
+#pragma unroll
+    for (int r = 0; r < PRE; r++) {
+      int i = threadIdx.x + r * nthr, t = i / CH, cc = i % CH;
+      if (t < tc) {
+        int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
+        pu[r] = u[gi];
+        pd[r] = delta[gi];
+      }
     }
-    for (int i = threadIdx.x; i < tc * N; i += blockDim.x) {
+#pragma unroll
+    for (int r = 0; r < PREBC; r++) {
+      int i = threadIdx.x + r * nthr, t = i / N, n = i % N;
+      if (t < tc) {
+        int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N + n;
+        pb[r] = Bm[gi];
+        pc[r] = Cm[gi];
+      }
+    }
+  };
+  auto commit = [&](int t0) {
+    const int tc = min(TC, L - t0);
+#pragma unroll
+    for (int r = 0; r < PRE; r++) {
+      int i = threadIdx.x + r * nthr, t = i / CH, cc = i % CH;
+      if (t < tc) {
+        float dl = IO::load(pd[r]) + (p.dbias ? p.dbias[d0 + cc] : 0.0f);
+        u_s[i] = IO::load(pu[r]);
+        dt_s[i] = p.softplus ? softplus_f(dl) : dl;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < PREBC; r++) {
+      int i = threadIdx.x + r * nthr;
+      if (i < tc * N) {
+        B_s[i] = IO::load(pb[r]);
+        C_s[i] = IO::load(pc[r]);
+      }
+    }
+    for (int i = threadIdx.x + PREBC * nthr; i < tc * N; i += nthr) {
       int t = i / N, n = i % N;
       int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N + n;
       B_s[i] = IO::load(Bm[gi]);
       C_s[i] = IO::load(Cm[gi]);
     }
-    for (int t = threadIdx.x; t < tc; t += blockDim.x)
+    for (int t = threadIdx.x; t < tc; t += nthr)
       rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
-    __syncthreads();
+  };
 
-    /* advance the states through the chunk */
+  prefetch(0);
+  for (int t0 = 0; t0 < L; t0 += TC) {
+    const int tc = min(TC, L - t0);
+    commit(t0);
+    __syncthreads();
+    if (t0 + TC < L) prefetch(t0 + TC); /* in flight while this chunk runs */
+
     for (int t = 0; t < tc; t++) {
       const float dt = dt_s[t * CH + c], du = dt * u_s[t * CH + c], keep = rs_s[t];
       float acc = 0.0f;
@@ -151,25 +194,25 @@ __global__ void scan_forward_kernel(scan_params p) {
           acc = fmaf(C_s[t * N + n], h[k], acc);
         }
       }
-      acc = lane_sum<LPC>(acc, mask);
-      if (j == 0) y_s[t * CH + c] = fmaf(Dd, u_s[t * CH + c], acc);
+      ys_s[(t * CH + c) * LPC + j] = acc;
     }
     __syncthreads();
 
-    /* gate and store */
-    for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
+    /* sum the lane partials, skip term, gate, store */
+    for (int i = threadIdx.x; i < tc * CH; i += nthr) {
       int t = i / CH, cc = i % CH;
       int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
-      float y = y_s[t * CH + cc];
+      float y = 0.0f;
+#pragma unroll
+      for (int l = 0; l < LPC; l++) y += ys_s[i * LPC + l];
+      if (p.Dskip) y = fmaf(p.Dskip[d0 + cc], u_s[i], y);
       if (z) {
         float zz = IO::load(z[gi]);
         y *= zz * sigmoid_f(zz);
       }
       out[gi] = IO::store(y);
     }
-    /* the next chunk's staging writes u_s/dt_s/B_s/C_s only: the barrier
-     * above ordered every read of them; y_s is next written after the
-     * next chunk's barrier. */
+    __syncthreads(); /* u_s and ys_s are rewritten by the next chunk */
   }
 #pragma unroll
   for (int k = 0; k < NPT; k++) {
@@ -401,6 +444,213 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
   }
 }
 
+
+/* ---- backward, N = 16 fast path ---------------------------------------------
+ * One lane per channel owning its 16 states; block = CH channels (a multiple
+ * of 32, inside one group); chunks of TC steps. Sums over states stay in the
+ * lane. dB and dC (32 values per lane and step) are summed over the warp's 32
+ * channels with a reduce-scatter butterfly (31 shuffles leave lane l with
+ * value l summed over the warp), then over the block's warps in shared
+ * memory, in a fixed order.
+ * shared: u_s, dt_s, fac_s, dy_s, yp_s, du_s, dd_s (TC, CH); B_s, C_s (TC, 16);
+ *         rs_s (TC); hist_s (TC, 16, CH); red_s (TC, CH / 32, 32). */
+#define LN2 0.6931471805599453f
+
+template <class IO, int TC>
+__global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
+  typedef typename IO::T T;
+  const int N = 16;
+  extern __shared__ float smem[];
+  const int CH = p.CH, D = p.D, L = p.L, NW = CH / 32;
+  float *u_s = smem;
+  float *dt_s = u_s + TC * CH;
+  float *fac_s = dt_s + TC * CH;
+  float *dy_s = fac_s + TC * CH;
+  float *yp_s = dy_s + TC * CH;
+  float *du_s = yp_s + TC * CH;
+  float *dd_s = du_s + TC * CH;
+  float *B_s = dd_s + TC * CH;
+  float *C_s = B_s + TC * N;
+  float *rs_s = C_s + TC * N;
+  float *hist_s = rs_s + TC;         // (TC, 16, CH)
+  float *red_s = hist_s + TC * N * CH; // (TC, NW, 32)
+
+  const int b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH, nblk = D / CH;
+  const int g = d0 / (D / p.G);
+  const int c = threadIdx.x, d = d0 + c, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T *u = (const T *)p.u, *delta = (const T *)p.delta;
+  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *z = (const T *)p.z;
+  const T *dout = (const T *)p.dout;
+  const int nchunks = (L + TC - 1) / TC;
+  float *ck = p.ck + (int64_t)b * nchunks * D * N;
+
+  float a2[N], h[N];
+#pragma unroll
+  for (int n = 0; n < N; n++) {
+    a2[n] = p.A[(int64_t)d * N + n] * LOG2E;
+    h[n] = p.h0 ? p.h0[((int64_t)b * D + d) * N + n] : 0.0f;
+  }
+  const float Dd = p.Dskip ? p.Dskip[d] : 0.0f;
+
+  auto stage = [&](int t0, int tc, bool full) {
+    for (int i = threadIdx.x; i < tc * CH; i += CH) {
+      int t = i / CH, cc = i % CH;
+      int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
+      float dl = IO::load(delta[gi]) + (p.dbias ? p.dbias[d0 + cc] : 0.0f);
+      u_s[i] = IO::load(u[gi]);
+      if (p.softplus) {
+        dt_s[i] = softplus_f(dl);
+        fac_s[i] = dl > 20.0f ? 1.0f : sigmoid_f(dl);
+      } else {
+        dt_s[i] = dl;
+        fac_s[i] = 1.0f;
+      }
+      if (full) {
+        float go = IO::load(dout[gi]);
+        if (z) {
+          float zz = IO::load(z[gi]);
+          go *= zz * sigmoid_f(zz);
+        }
+        dy_s[i] = go;
+      }
+    }
+    for (int i = threadIdx.x; i < tc * N; i += CH) {
+      int t = i / N, n = i % N;
+      int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N + n;
+      B_s[i] = IO::load(Bm[gi]);
+      C_s[i] = IO::load(Cm[gi]);
+    }
+    for (int t = threadIdx.x; t < tc; t += CH)
+      rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
+  };
+
+  /* pass 1: the state at every chunk start, to global scratch */
+  for (int ci = 0; ci < nchunks; ci++) {
+    const int t0 = ci * TC, tc = min(TC, L - t0);
+    float4 *dst = (float4 *)(ck + ((int64_t)ci * D + d) * N);
+#pragma unroll
+    for (int q = 0; q < 4; q++) dst[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+    if (ci == nchunks - 1) break;
+    __syncthreads();
+    stage(t0, tc, false);
+    __syncthreads();
+    for (int t = 0; t < tc; t++) {
+      const float dt = dt_s[t * CH + c], du = dt * u_s[t * CH + c], keep = rs_s[t];
+#pragma unroll
+      for (int n = 0; n < N; n++) h[n] = fmaf(exp2f(dt * a2[n]), h[n] * keep, du * B_s[t * N + n]);
+    }
+  }
+
+  /* pass 2: reverse */
+  float dh[N], dA[N];
+#pragma unroll
+  for (int n = 0; n < N; n++) {
+    dh[n] = p.dh_last ? p.dh_last[((int64_t)b * D + d) * N + n] : 0.0f;
+    dA[n] = 0.0f;
+  }
+  float dD_acc = 0.0f, ddb_acc = 0.0f;
+
+  for (int ci = nchunks - 1; ci >= 0; ci--) {
+    const int t0 = ci * TC, tc = min(TC, L - t0);
+    __syncthreads();
+    stage(t0, tc, true);
+    const float4 *src = (const float4 *)(ck + ((int64_t)ci * D + d) * N);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      float4 v = src[q];
+      h[4 * q] = v.x;
+      h[4 * q + 1] = v.y;
+      h[4 * q + 2] = v.z;
+      h[4 * q + 3] = v.w;
+    }
+    __syncthreads();
+
+    /* recompute the chunk's states into hist_s; y before the gate */
+    float hin[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) hin[n] = h[n];
+    for (int t = 0; t < tc; t++) {
+      const float dt = dt_s[t * CH + c], du = dt * u_s[t * CH + c], keep = rs_s[t];
+      float acc = 0.0f;
+#pragma unroll
+      for (int n = 0; n < N; n++) {
+        h[n] = fmaf(exp2f(dt * a2[n]), h[n] * keep, du * B_s[t * N + n]);
+        acc = fmaf(C_s[t * N + n], h[n], acc);
+        hist_s[(t * N + n) * CH + c] = h[n];
+      }
+      yp_s[t * CH + c] = fmaf(Dd, u_s[t * CH + c], acc);
+    }
+
+    /* reverse through the chunk */
+    for (int t = tc - 1; t >= 0; t--) {
+      const int i = t * CH + c;
+      const float dt = dt_s[i], uu = u_s[i], gy = dy_s[i], keep = rs_s[t];
+      float sA = 0.0f, sB = 0.0f, v[2 * N];
+#pragma unroll
+      for (int n = 0; n < N; n++) {
+        float hprev = (t > 0 ? hist_s[((t - 1) * N + n) * CH + c] : hin[n]) * keep;
+        float a = exp2f(dt * a2[n]);
+        float bn = B_s[t * N + n];
+        float g_h = fmaf(C_s[t * N + n], gy, dh[n]); /* dL/dh_t */
+        float gha = g_h * a * hprev;
+        dA[n] = fmaf(dt, gha, dA[n]);
+        sA = fmaf(a2[n], gha, sA);
+        sB = fmaf(g_h, bn, sB);
+        v[n] = g_h * dt * uu;                          /* dB contribution */
+        v[N + n] = gy * hist_s[(t * N + n) * CH + c];  /* dC contribution */
+        dh[n] = g_h * a * keep;
+      }
+      /* reduce-scatter over the warp: lane l ends with value l summed */
+#pragma unroll
+      for (int o = 16, half = 16; o >= 1; o >>= 1, half >>= 1) {
+        const bool up = (lane & o) != 0;
+#pragma unroll
+        for (int k = 0; k < half; k++) {
+          float send = up ? v[k] : v[k + half];
+          float keepv = up ? v[k + half] : v[k];
+          v[k] = keepv + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+      }
+      red_s[(t * NW + warp) * 32 + lane] = v[0];
+      float ddl = fmaf(LN2, sA, uu * sB) * fac_s[i];
+      du_s[i] = fmaf(Dd, gy, dt * sB);
+      dd_s[i] = ddl;
+      dD_acc = fmaf(gy, uu, dD_acc);
+      ddb_acc += ddl;
+    }
+    __syncthreads();
+
+    /* outputs of the chunk */
+    for (int i = threadIdx.x; i < tc * CH; i += CH) {
+      int t = i / CH, cc = i % CH;
+      int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
+      if (p.du) ((T *)p.du)[gi] = IO::store(du_s[i]);
+      if (p.ddelta) ((T *)p.ddelta)[gi] = IO::store(dd_s[i]);
+      if (p.dz) {
+        float zz = IO::load(z[gi]), sg = sigmoid_f(zz);
+        float go = IO::load(dout[gi]);
+        ((T *)p.dz)[gi] = IO::store(go * yp_s[i] * sg * (1.0f + zz * (1.0f - sg)));
+      }
+    }
+    for (int i = threadIdx.x; i < tc * 32; i += CH) {
+      int t = i / 32, k = i % 32;
+      float sum = 0.0f;
+      for (int w = 0; w < NW; w++) sum += red_s[(t * NW + w) * 32 + k];
+      float *dst = k < N ? p.dB_part : p.dC_part;
+      if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (k % N)] = sum;
+    }
+  }
+
+#pragma unroll
+  for (int n = 0; n < N; n++) {
+    int64_t o = ((int64_t)b * D + d) * N + n;
+    p.dA_part[o] = dA[n];
+    if (p.dh0) p.dh0[o] = dh[n];
+  }
+  p.dD_part[(int64_t)b * D + d] = dD_acc;
+  p.ddb_part[(int64_t)b * D + d] = ddb_acc;
+}
+
 /* dB[b, t, g, n] = Σ over the blocks of group g of part[b, blk, t, n]. */
 template <class IO>
 __global__ void scan_reduce_bc_kernel(const float *part, void *out, int B, int L, int G, int N,
@@ -444,7 +694,7 @@ static int pow2_ceil(int x) {
 /* Channels per block: a power of two dividing D / G, at most 256 / LPC
  * threads' worth, and small enough that the grid fills the GPU. */
 static int pick_ch(int B, int D, int G, int LPC, int sm_count) {
-  int per_g = D / G, ch = 32;
+  int per_g = D / G, ch = LPC == 1 ? 128 : 32;
   while (ch > 1 && (per_g % ch != 0 || ch * LPC > 256)) ch >>= 1;
   while (ch > 1 && (int64_t)B * (D / ch) < 2LL * sm_count) ch >>= 1;
   return ch;
@@ -469,28 +719,36 @@ static void pick_lanes(int N, int *npt, int *lpc) {
   if (*lpc > 32) *lpc = 32;
 }
 
+/* Forward configurations: (NPT, LPC) pairs, TC = 16 steps per chunk,
+ * block = CH * LPC threads with CH * LPC <= 256. PRE and PREBC are the
+ * prefetch slots per thread for the chunk's (TC, CH) and (TC, N) inputs. */
+/* steps per chunk: 8 when a lane owns 16 states (registers), else 16 */
+static constexpr int fwd_tc(int npt) { return npt >= 16 ? 8 : 16; }
+
 template <class IO, int NPT, int LPC>
 static void launch_forward(const scan_params &p, dim3 grid, size_t smem, cudaStream_t s) {
-  scan_forward_kernel<IO, NPT, LPC><<<grid, p.CH * LPC, smem, s>>>(p);
-}
-
-template <class IO, int NPT>
-static int forward_lpc(const scan_params &p, dim3 grid, size_t smem, cudaStream_t s) {
-  switch (p.LPC) {
-    case 1: launch_forward<IO, NPT, 1>(p, grid, smem, s); break;
-    case 2: launch_forward<IO, NPT, 2>(p, grid, smem, s); break;
-    case 4: launch_forward<IO, NPT, 4>(p, grid, smem, s); break;
-    case 8: launch_forward<IO, NPT, 8>(p, grid, smem, s); break;
-    case 16: launch_forward<IO, NPT, 16>(p, grid, smem, s); break;
-    default: launch_forward<IO, NPT, 32>(p, grid, smem, s); break;
-  }
-  return MX_OK;
+  /* CH * LPC threads stage TC * CH slots: TC / LPC each (at least 1) */
+  constexpr int TC = fwd_tc(NPT);
+  scan_forward_kernel<IO, NPT, LPC, TC, (TC / LPC > 0 ? TC / LPC : 1)><<<grid, p.CH * LPC, smem, s>>>(p);
 }
 
 template <class IO>
 static void forward_io(const scan_params &p, int npt, dim3 grid, size_t smem, cudaStream_t s) {
-  if (npt == 4) forward_lpc<IO, 4>(p, grid, smem, s);
-  else forward_lpc<IO, 8>(p, grid, smem, s);
+  if (npt == 16) {
+    launch_forward<IO, 16, 1>(p, grid, smem, s);
+    return;
+  }
+  if (npt == 4) {
+    switch (p.LPC) {
+      case 1: launch_forward<IO, 4, 1>(p, grid, smem, s); return;
+      case 2: launch_forward<IO, 4, 2>(p, grid, smem, s); return;
+      case 4: launch_forward<IO, 4, 4>(p, grid, smem, s); return;
+      case 8: launch_forward<IO, 4, 8>(p, grid, smem, s); return;
+      default: launch_forward<IO, 4, 16>(p, grid, smem, s); return;
+    }
+  }
+  if (p.LPC <= 16) launch_forward<IO, 8, 16>(p, grid, smem, s);
+  else launch_forward<IO, 8, 32>(p, grid, smem, s);
 }
 
 static void fill_common(scan_params *p, const mx_scan_args *a) {
@@ -512,8 +770,21 @@ static void fill_common(scan_params *p, const mx_scan_args *a) {
   p->reset = a->reset;
 }
 
+/* Forward lanes: for N = 16 and enough batch, one lane per channel owning all
+ * 16 states (no cross-lane sums, the most work per thread); otherwise
+ * NPT = 4 (8 above N = 128) states per lane and LPC lanes per channel. */
+static void pick_forward_lanes(int B, int D, int N, int sm_count, int *npt, int *lpc) {
+  if (N == 16 && (int64_t)B * D >= 64LL * sm_count) {
+    *npt = 16;
+    *lpc = 1;
+    return;
+  }
+  pick_lanes(N, npt, lpc);
+  if (*npt == 8 && *lpc < 16) *lpc = 16;
+}
+
 int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last,
-                                    mx_err *err) {
+                         mx_err *err) {
   mx_cuda_dev *d = NULL;
   int rc = scan_validate(a, err);
   if (rc != MX_OK) return rc;
@@ -522,13 +793,14 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
   fill_common(&p, a);
   p.out = out;
   p.h_last = (float *)h_last;
-  int npt;
-  pick_lanes(p.N, &npt, &p.LPC);
   rc = mx_cuda_begin(dev, err, &d);
   if (rc != MX_OK) return rc;
+  int npt;
+  pick_forward_lanes(p.B, p.D, p.N, d->sm_count, &npt, &p.LPC);
   p.CH = pick_ch(p.B, p.D, p.G, p.LPC, d->sm_count);
-  p.TC = p.N > 64 ? 8 : 32;
-  size_t smem = sizeof(float) * ((size_t)3 * p.TC * p.CH + 2 * (size_t)p.TC * p.N + p.TC);
+  p.TC = fwd_tc(npt);
+  size_t TC = (size_t)p.TC;
+  size_t smem = sizeof(float) * (2 * TC * p.CH + TC * p.CH * p.LPC + 2 * TC * p.N + TC);
   dim3 grid((unsigned)(p.D / p.CH), (unsigned)p.B);
   switch (a->io) {
     case MX_F32: forward_io<mx_t_f32>(p, npt, grid, smem, d->stream); break;
@@ -569,11 +841,31 @@ static int backward_lpc(const scan_params &p, dim3 grid, size_t smem, cudaStream
 }
 
 template <class IO>
+static int backward_reductions(const scan_params &p, const mx_scan_grads *gr, mx_cuda_dev *d,
+                               mx_err *err);
+
+template <class IO>
 static int backward_io(const scan_params &p, const mx_scan_grads *gr, int npt, dim3 grid,
                        size_t smem, mx_cuda_dev *d, mx_err *err) {
-  int rc = npt == 4 ? backward_lpc<IO, 4>(p, grid, smem, d->stream, d, err)
-                    : backward_lpc<IO, 8>(p, grid, smem, d->stream, d, err);
+  int rc;
+  if (npt == 16) {
+    auto kern = scan_backward16_kernel<IO, BWD_TC>;
+    rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   (int)smem));
+    if (rc != MX_OK) return rc;
+    kern<<<grid, p.CH, smem, d->stream>>>(p);
+    rc = MX_CUDA_CALL(d, err, cudaGetLastError());
+  } else {
+    rc = npt == 4 ? backward_lpc<IO, 4>(p, grid, smem, d->stream, d, err)
+                  : backward_lpc<IO, 8>(p, grid, smem, d->stream, d, err);
+  }
   if (rc != MX_OK) return rc;
+  return backward_reductions<IO>(p, gr, d, err);
+}
+
+template <class IO>
+static int backward_reductions(const scan_params &p, const mx_scan_grads *gr, mx_cuda_dev *d,
+                               mx_err *err) {
   int nblk = p.D / p.CH;
   unsigned gbc = mx_cuda_grid(d, (uint64_t)p.B * p.L * p.G * p.N);
   if (gr->dB) {
@@ -618,14 +910,22 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   p.dz = a->z ? gr->dz : NULL;
   p.dh0 = (float *)gr->dh0;
   int npt;
-  pick_lanes(p.N, &npt, &p.LPC);
   rc = mx_cuda_begin(dev, err, &d);
   if (rc != MX_OK) return rc;
-  p.CH = pick_ch(p.B, p.D, p.G, p.LPC, d->sm_count);
+  size_t TC = BWD_TC, smem;
   p.TC = BWD_TC;
+  if (p.N == 16 && (p.D / p.G) % 32 == 0) { /* the fast path: a lane per channel */
+    npt = 16;
+    p.LPC = 1;
+    p.CH = (p.D / p.G) % 64 == 0 && (int64_t)p.B * (p.D / 64) >= 2LL * d->sm_count ? 64 : 32;
+    smem = sizeof(float) * (7 * TC * p.CH + 2 * TC * 16 + TC + TC * 16 * p.CH + TC * 32 * (p.CH / 32));
+  } else {
+    pick_lanes(p.N, &npt, &p.LPC);
+    p.CH = pick_ch(p.B, p.D, p.G, p.LPC, d->sm_count);
+    size_t NP = (size_t)p.N + 1;
+    smem = sizeof(float) * (7 * TC * p.CH + 2 * TC * p.N + TC + 2 * TC * p.CH * NP);
+  }
   int nblk = p.D / p.CH, nchunks = (p.L + BWD_TC - 1) / BWD_TC;
-  size_t TC = BWD_TC, NP = (size_t)p.N + 1;
-  size_t smem = sizeof(float) * (7 * TC * p.CH + 2 * TC * p.N + TC + 2 * TC * p.CH * NP);
 
   /* scratch: checkpoints and partial sums, one allocation */
   size_t n_ck = (size_t)p.B * nchunks * p.D * p.N;

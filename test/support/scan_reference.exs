@@ -44,7 +44,9 @@ defmodule Mambex.ScanReference do
       end
 
     by_bl = fn key ->
-      per |> Enum.map(fn chans -> chans |> Enum.map(& &1[key]) |> transpose(len) end) |> List.flatten()
+      per
+      |> Enum.map(fn chans -> chans |> Enum.map(& &1[key]) |> transpose(len) end)
+      |> List.flatten()
     end
 
     dg = div(dim, g)
@@ -76,8 +78,8 @@ defmodule Mambex.ScanReference do
     grads = %{
       u: by_bl.(:du),
       delta: by_bl.(:ddelta),
-      b: (if len > 0 and bsz > 0, do: group_sum.(:db), else: []),
-      c: (if len > 0 and bsz > 0, do: group_sum.(:dc), else: []),
+      b: if(len > 0 and bsz > 0, do: group_sum.(:db), else: []),
+      c: if(len > 0 and bsz > 0, do: group_sum.(:dc), else: []),
       a: batch_sum.(:da)
     }
 
@@ -139,7 +141,10 @@ defmodule Mambex.ScanReference do
 
   defp start_state(t, b, d) do
     {_bsz, _len, dim, n, _g} = t.dims
-    if t.initial_state, do: row(t.initial_state, (b * dim + d) * n, n), else: List.duplicate(0.0, n)
+
+    if t.initial_state,
+      do: row(t.initial_state, (b * dim + d) * n, n),
+      else: List.duplicate(0.0, n)
   end
 
   defp dskip(t, d), do: if(t.d, do: elem(t.d, d), else: 0.0)
@@ -149,8 +154,7 @@ defmodule Mambex.ScanReference do
     prev = if s.reset, do: Enum.map(h, fn _ -> 0.0 end), else: h
     av = Enum.map(a_row, fn ak -> :math.exp(s.dt * ak) end)
 
-    hn =
-      Enum.zip_with([av, prev, s.bt], fn [ak, hk, bk] -> ak * hk + s.dt * bk * s.u end)
+    hn = Enum.zip_with([av, prev, s.bt], fn [ak, hk, bk] -> ak * hk + s.dt * bk * s.u end)
 
     y = dot(s.ct, hn) + dd * s.u
     {prev, av, hn, y}
@@ -185,11 +189,21 @@ defmodule Mambex.ScanReference do
         {[{s, prev, av, hn, y} | acc], hn}
       end)
 
-    carry =
-      if t.d_final, do: row(t.d_final, (b * dim + d) * n, n), else: List.duplicate(0.0, n)
+    carry = if t.d_final, do: row(t.d_final, (b * dim + d) * n, n), else: List.duplicate(0.0, n)
 
     zero_n = List.duplicate(0.0, n)
-    init = %{carry: carry, da: zero_n, dd: 0.0, dbias: 0.0, du: [], ddelta: [], dz: [], db: [], dc: []}
+
+    init = %{
+      carry: carry,
+      da: zero_n,
+      dd: 0.0,
+      dbias: 0.0,
+      du: [],
+      ddelta: [],
+      dz: [],
+      db: [],
+      dc: []
+    }
 
     r =
       Enum.reduce(steps, init, fn {s, prev, av, hn, y}, acc ->
@@ -242,6 +256,7 @@ defmodule Mambex.ScanReference do
   def softplus(x), do: log1p(:math.exp(x))
 
   def sigmoid(x) when x >= 0, do: 1.0 / (1.0 + :math.exp(-x))
+
   def sigmoid(x) do
     e = :math.exp(x)
     e / (1.0 + e)
