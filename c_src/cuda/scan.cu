@@ -602,12 +602,13 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
       }
       /* reduce-scatter over the warp: lane l ends with value l summed */
 #pragma unroll
-      for (int o = 16, half = 16; o >= 1; o >>= 1, half >>= 1) {
+      for (int st = 0; st < 5; st++) {
+        const int o = 16 >> st; /* partner distance = values kept */
         const bool up = (lane & o) != 0;
 #pragma unroll
-        for (int k = 0; k < half; k++) {
-          float send = up ? v[k] : v[k + half];
-          float keepv = up ? v[k + half] : v[k];
+        for (int k = 0; k < o; k++) {
+          float send = up ? v[k] : v[k + o];
+          float keepv = up ? v[k + o] : v[k];
           v[k] = keepv + __shfl_xor_sync(0xffffffffu, send, o);
         }
       }

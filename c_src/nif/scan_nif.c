@@ -219,9 +219,12 @@ static mx_scan_args scan_args(const scan_call *c) {
 }
 
 /* Work estimate that picks the scheduler: the (b, t, d, n) elements of the
- * recurrence, counted as 4 bytes each, saturating. */
+ * recurrence, counted as 4 bytes each (16 for f64, whose exp is a libm call),
+ * saturating. Below MX_INLINE_BYTES (65536 f32 elements, ~0.1 ms) a CPU
+ * scan runs on the calling normal scheduler. */
 static size_t scan_work(const scan_call *c) {
-  double w = 4.0 * (double)c->B * (double)c->L * (double)c->D * (double)c->N;
+  double w = (c->io == MX_F64 ? 16.0 : 4.0) * (double)c->B * (double)c->L * (double)c->D *
+             (double)c->N;
   return w >= 1e18 ? (size_t)1 << 60 : (size_t)w;
 }
 
@@ -285,11 +288,10 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
     mx_scan_args a = scan_args(c);
     rc = be->scan_forward(dev, &a, mx_data(out->storage, out), mx_data(hl->storage, hl), &err);
   } else if (c->B * c->D * c->N > 0) { /* L = 0: the final state is the initial one */
+    void *dst = mx_data(hl->storage, hl);
     size_t bytes = hl->nbytes;
-    rc = c->t[S_H0] ? be->copy2d(dev, mx_data(hl->storage, hl), bytes, scan_ptr(c, S_H0), bytes, bytes, 1,
-                                 &err)
-                    : be->fill(dev, c->param, mx_data(hl->storage, hl), (size_t)(c->B * c->D * c->N), MX_ZERO,
-                               &err);
+    rc = c->t[S_H0] ? be->copy2d(dev, dst, bytes, scan_ptr(c, S_H0), bytes, bytes, 1, &err)
+                    : be->fill(dev, c->param, dst, tensor_numel(hl), MX_ZERO, &err);
   }
   scan_release(c);
   if (rc != MX_OK) {
@@ -353,11 +355,11 @@ ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
     for (int k = 0; k < 4 && rc == MX_OK; k++) {
       mx_tensor *t = grad[zero_params[k]];
       if (!t || tensor_numel(t) == 0) continue;
+      void *dst = mx_data(t->storage, t);
       if (zero_params[k] == 8 && c->t[S_DHL])
-        rc = be->copy2d(dev, mx_data(t->storage, t), t->nbytes, scan_ptr(c, S_DHL), t->nbytes, t->nbytes,
-                        1, &err);
+        rc = be->copy2d(dev, dst, t->nbytes, scan_ptr(c, S_DHL), t->nbytes, t->nbytes, 1, &err);
       else
-        rc = be->fill(dev, c->param, mx_data(t->storage, t), tensor_numel(t), MX_ZERO, &err);
+        rc = be->fill(dev, c->param, dst, tensor_numel(t), MX_ZERO, &err);
     }
   }
   scan_release(c);
