@@ -40,6 +40,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cuda_pipeline.h>
+
 #include "cuda_dtypes.cuh"
 #include "cuda_ops.h"
 
@@ -219,6 +221,141 @@ __global__ void __launch_bounds__(256, (NPT >= 16 ? 2 : 1)) scan_forward_kernel(
     int n = j + k * LPC;
     if (n < N) p.h_last[((int64_t)b * D + d) * N + n] = h[k];
   }
+}
+
+
+/* ---- forward, N = 16 fast path -----------------------------------------------
+ * Block = 32 channels x 4 lanes; lane j owns the contiguous states 4j..4j+3
+ * (so B and C are read as one 16-byte vector per step). Chunks of TC steps
+ * stream into a two-stage ring of shared buffers with cp.async, two chunks
+ * ahead of the compute: global latency is paid once per launch, not per
+ * chunk. Per chunk: wait for the stage; turn raw delta into Δ once per
+ * (t, d) (bias, softplus) into dt_s; run the TC steps (sums over states by
+ * two shuffles); add D·u, gate with z and store, coalesced; refill the stage.
+ * Requires D / G % 32 == 0 and 16-byte aligned tensors (checked by the
+ * launcher). shared: per stage u, delta, z (TC, 32) and B, C (TC, 16) raw;
+ * dt_s, y_s (TC, 32) floats; rs_s (TC). */
+#define F16_CH 32
+
+template <class T>
+static __device__ __forceinline__ void cp16(void *dst, const void *src) {
+  __pipeline_memcpy_async(dst, src, 16);
+}
+
+template <class IO>
+static __device__ __forceinline__ float4 load4(const typename IO::T *p) {
+  if constexpr (sizeof(typename IO::T) == 4) {
+    return *(const float4 *)p;
+  } else {
+    uint2 r = *(const uint2 *)p;
+    return make_float4(IO::load((uint16_t)(r.x & 0xffffu)), IO::load((uint16_t)(r.x >> 16)),
+                       IO::load((uint16_t)(r.y & 0xffffu)), IO::load((uint16_t)(r.y >> 16)));
+  }
+}
+
+template <class IO, int TC>
+__global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
+  typedef typename IO::T T;
+  const int CH = F16_CH, N = 16;
+  extern __shared__ __align__(16) unsigned char fsm[];
+  const int D = p.D, L = p.L;
+  const size_t es = sizeof(T);
+  /* stage layout: u, delta, z (TC*CH each), B, C (TC*N each), raw T */
+  const size_t stage_elems = 3 * TC * CH + 2 * TC * N;
+  float *dt_s = (float *)(fsm + 2 * stage_elems * es);
+  float *y_s = dt_s + TC * CH;
+  float *rs_s = y_s + TC * CH;
+
+  const int b = blockIdx.y, d0 = blockIdx.x * CH;
+  const int g = d0 / (D / p.G);
+  const int c = threadIdx.x >> 2, j = threadIdx.x & 3, d = d0 + c;
+  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
+  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm;
+  T *out = (T *)p.out;
+  const int nchunks = (L + TC - 1) / TC;
+
+  /* issue the cp.async copies of chunk k into stage k % 2 (one group) */
+  auto issue = [&](int k) {
+    if (k < nchunks) {
+      const int t0 = k * TC, tc = min(TC, L - t0);
+      T *st = (T *)fsm + (k & 1) * stage_elems;
+      const int R = CH * (int)es / 16;  /* 16-byte pieces per (t) row */
+      const int RB = N * (int)es / 16;
+      for (int i = threadIdx.x; i < tc * R; i += blockDim.x) {
+        int t = i / R, q = i % R;
+        int64_t gi = ((int64_t)b * L + t0 + t) * D + d0;
+        size_t off = (size_t)t * CH * es + (size_t)q * 16;
+        cp16<T>((char *)st + off, (const char *)(u + gi) + q * 16);
+        cp16<T>((char *)(st + TC * CH) + off, (const char *)(delta + gi) + q * 16);
+        if (z) cp16<T>((char *)(st + 2 * TC * CH) + off, (const char *)(z + gi) + q * 16);
+      }
+      for (int i = threadIdx.x; i < tc * RB; i += blockDim.x) {
+        int t = i / RB, q = i % RB;
+        int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N;
+        size_t off = (size_t)t * N * es + (size_t)q * 16;
+        cp16<T>((char *)(st + 3 * TC * CH) + off, (const char *)(Bm + gi) + q * 16);
+        cp16<T>((char *)(st + 3 * TC * CH + TC * N) + off, (const char *)(Cm + gi) + q * 16);
+      }
+    }
+    __pipeline_commit(); /* an empty group past the end keeps the counting simple */
+  };
+
+  float a2[4], h[4];
+#pragma unroll
+  for (int k = 0; k < 4; k++) {
+    int n = 4 * j + k;
+    a2[k] = p.A[(int64_t)d * N + n] * LOG2E;
+    h[k] = p.h0 ? p.h0[((int64_t)b * D + d) * N + n] : 0.0f;
+  }
+
+  issue(0);
+  issue(1);
+  for (int k = 0; k < nchunks; k++) {
+    const int t0 = k * TC, tc = min(TC, L - t0);
+    const T *st = (const T *)fsm + (k & 1) * stage_elems;
+    const T *u_r = st, *dl_r = st + TC * CH, *z_r = st + 2 * TC * CH;
+    const T *B_r = st + 3 * TC * CH, *C_r = B_r + TC * N;
+    __pipeline_wait_prior(1); /* chunk k has landed (k + 1 may be in flight) */
+    __syncthreads();
+    for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
+      float dl = IO::load(dl_r[i]) + (p.dbias ? p.dbias[d0 + (i % CH)] : 0.0f);
+      dt_s[i] = p.softplus ? softplus_f(dl) : dl;
+    }
+    for (int t = threadIdx.x; t < tc; t += blockDim.x)
+      rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
+    __syncthreads();
+
+#pragma unroll 4
+    for (int t = 0; t < tc; t++) {
+      const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = rs_s[t];
+      const float4 bv = load4<IO>(B_r + t * N + 4 * j), cv = load4<IO>(C_r + t * N + 4 * j);
+      h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
+      h[1] = fmaf(exp2f(dt * a2[1]), h[1] * keep, du * bv.y);
+      h[2] = fmaf(exp2f(dt * a2[2]), h[2] * keep, du * bv.z);
+      h[3] = fmaf(exp2f(dt * a2[3]), h[3] * keep, du * bv.w);
+      float acc = fmaf(cv.x, h[0], fmaf(cv.y, h[1], fmaf(cv.z, h[2], cv.w * h[3])));
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      if (j == 0) y_s[t * CH + c] = acc;
+    }
+    __syncthreads();
+
+    for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
+      int t = i / CH, cc = i % CH;
+      int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
+      float y = y_s[i];
+      if (p.Dskip) y = fmaf(p.Dskip[d0 + cc], IO::load(u_r[i]), y);
+      if (z) {
+        float zz = IO::load(z_r[i]);
+        y *= zz * sigmoid_f(zz);
+      }
+      out[gi] = IO::store(y);
+    }
+    __syncthreads(); /* stage k % 2 is free again */
+    issue(k + 2);
+  }
+#pragma unroll
+  for (int k = 0; k < 4; k++) p.h_last[((int64_t)b * D + d) * N + 4 * j + k] = h[k];
 }
 
 /* ---- backward -------------------------------------------------------------
@@ -446,58 +583,81 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
 
 
 /* ---- backward, N = 16 fast path ---------------------------------------------
- * One lane per channel owning its 16 states; block = CH channels (a multiple
- * of 32, inside one group); chunks of TC steps. Sums over states stay in the
- * lane. dB and dC (32 values per lane and step) are summed over the warp's 32
- * channels with a reduce-scatter butterfly (31 shuffles leave lane l with
- * value l summed over the warp), then over the block's warps in shared
- * memory, in a fixed order.
- * shared: u_s, dt_s, fac_s, dy_s, yp_s, du_s, dd_s (TC, CH); B_s, C_s (TC, 16);
- *         rs_s (TC); hist_s (TC, 16, CH); red_s (TC, CH / 32, 32). */
+ * Same lanes as the fast forward: 32 channels x 4 lanes, lane j owning states
+ * 4j..4j+3. Inputs stream through a two-stage cp.async ring in chunks of TS
+ * steps. Pass 1 runs forward and stores the state every SUB steps (global
+ * scratch ck); pass 2 walks the chunks backwards and, per SUB-step piece,
+ * recomputes the states into registers and runs the reverse recurrence.
+ * Sums over states: two shuffles. dB and dC (8 values per lane and step) are
+ * summed over the warp's 8 channels by a reduce-scatter butterfly (7
+ * shuffles; lane l ends with one of the warp's 32 sums) and over the block's
+ * 4 warps in shared memory, in a fixed order.
+ * shared: 2 stages of u, delta, dout, z (TS, 32) and B, C (TS, 16) raw;
+ *         dt_s, fac_s, dy_s, yp_s, du_s, dd_s (TS, 32); rs_s (TS);
+ *         red_s (TS, 4, 32). */
 #define LN2 0.6931471805599453f
+#define B16_TS 16
+#define B16_SUB 8
 
-template <class IO, int TC>
+template <class IO>
 __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   typedef typename IO::T T;
-  const int N = 16;
-  extern __shared__ float smem[];
-  const int CH = p.CH, D = p.D, L = p.L, NW = CH / 32;
-  float *u_s = smem;
-  float *dt_s = u_s + TC * CH;
-  float *fac_s = dt_s + TC * CH;
-  float *dy_s = fac_s + TC * CH;
-  float *yp_s = dy_s + TC * CH;
-  float *du_s = yp_s + TC * CH;
-  float *dd_s = du_s + TC * CH;
-  float *B_s = dd_s + TC * CH;
-  float *C_s = B_s + TC * N;
-  float *rs_s = C_s + TC * N;
-  float *hist_s = rs_s + TC;         // (TC, 16, CH)
-  float *red_s = hist_s + TC * N * CH; // (TC, NW, 32)
+  const int CH = F16_CH, N = 16, TS = B16_TS, SUB = B16_SUB;
+  extern __shared__ __align__(16) unsigned char bsm[];
+  const int D = p.D, L = p.L;
+  const size_t es = sizeof(T);
+  const size_t stage_elems = 4 * TS * CH + 2 * TS * N;
+  float *dt_s = (float *)(bsm + 2 * stage_elems * es);
+  float *fac_s = dt_s + TS * CH;
+  float *dy_s = fac_s + TS * CH;
+  float *yp_s = dy_s + TS * CH;
+  float *du_s = yp_s + TS * CH;
+  float *dd_s = du_s + TS * CH;
+  float *rs_s = dd_s + TS * CH;
+  float *red_s = rs_s + TS; /* (TS, 4, 32) */
 
   const int b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH, nblk = D / CH;
   const int g = d0 / (D / p.G);
-  const int c = threadIdx.x, d = d0 + c, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const T *u = (const T *)p.u, *delta = (const T *)p.delta;
-  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *z = (const T *)p.z;
-  const T *dout = (const T *)p.dout;
-  const int nchunks = (L + TC - 1) / TC;
-  float *ck = p.ck + (int64_t)b * nchunks * D * N;
+  const int c = threadIdx.x >> 2, j = threadIdx.x & 3, d = d0 + c;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
+  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *dout = (const T *)p.dout;
+  const int nchunks = (L + TS - 1) / TS, nsub = (L + SUB - 1) / SUB;
+  float *ck = p.ck + (int64_t)b * nsub * D * N;
 
-  float a2[N], h[N];
-#pragma unroll
-  for (int n = 0; n < N; n++) {
-    a2[n] = p.A[(int64_t)d * N + n] * LOG2E;
-    h[n] = p.h0 ? p.h0[((int64_t)b * D + d) * N + n] : 0.0f;
-  }
-  const float Dd = p.Dskip ? p.Dskip[d] : 0.0f;
-
-  auto stage = [&](int t0, int tc, bool full) {
-    for (int i = threadIdx.x; i < tc * CH; i += CH) {
-      int t = i / CH, cc = i % CH;
-      int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
-      float dl = IO::load(delta[gi]) + (p.dbias ? p.dbias[d0 + cc] : 0.0f);
-      u_s[i] = IO::load(u[gi]);
+  /* copy chunk k into ring slot m % 2; `full` adds C, dout and z */
+  auto issue = [&](int k, int m, bool full) {
+    if (k >= 0 && k < nchunks) {
+      const int t0 = k * TS, tc = min(TS, L - t0);
+      T *st = (T *)bsm + (m & 1) * stage_elems;
+      const int R = CH * (int)es / 16, RB = N * (int)es / 16;
+      for (int i = threadIdx.x; i < tc * R; i += blockDim.x) {
+        int t = i / R, q = i % R;
+        int64_t gi = ((int64_t)b * L + t0 + t) * D + d0;
+        size_t off = (size_t)t * CH * es + (size_t)q * 16;
+        __pipeline_memcpy_async((char *)st + off, (const char *)(u + gi) + q * 16, 16);
+        __pipeline_memcpy_async((char *)(st + TS * CH) + off, (const char *)(delta + gi) + q * 16, 16);
+        if (full) {
+          __pipeline_memcpy_async((char *)(st + 2 * TS * CH) + off, (const char *)(dout + gi) + q * 16, 16);
+          if (z) __pipeline_memcpy_async((char *)(st + 3 * TS * CH) + off, (const char *)(z + gi) + q * 16, 16);
+        }
+      }
+      for (int i = threadIdx.x; i < tc * RB; i += blockDim.x) {
+        int t = i / RB, q = i % RB;
+        int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N;
+        size_t off = (size_t)t * N * es + (size_t)q * 16;
+        __pipeline_memcpy_async((char *)(st + 4 * TS * CH) + off, (const char *)(Bm + gi) + q * 16, 16);
+        if (full)
+          __pipeline_memcpy_async((char *)(st + 4 * TS * CH + TS * N) + off, (const char *)(Cm + gi) + q * 16, 16);
+      }
+    }
+    __pipeline_commit();
+  };
+  /* Δ, softplus' and dL/dy of a landed chunk */
+  auto convert = [&](const T *st, int t0, int tc, bool full) {
+    const T *dl_r = st + TS * CH, *go_r = st + 2 * TS * CH, *z_r = st + 3 * TS * CH;
+    for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
+      float dl = IO::load(dl_r[i]) + (p.dbias ? p.dbias[d0 + (i % CH)] : 0.0f);
       if (p.softplus) {
         dt_s[i] = softplus_f(dl);
         fac_s[i] = dl > 20.0f ? 1.0f : sigmoid_f(dl);
@@ -506,150 +666,184 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
         fac_s[i] = 1.0f;
       }
       if (full) {
-        float go = IO::load(dout[gi]);
+        float go = IO::load(go_r[i]);
         if (z) {
-          float zz = IO::load(z[gi]);
+          float zz = IO::load(z_r[i]);
           go *= zz * sigmoid_f(zz);
         }
         dy_s[i] = go;
       }
     }
-    for (int i = threadIdx.x; i < tc * N; i += CH) {
-      int t = i / N, n = i % N;
-      int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N + n;
-      B_s[i] = IO::load(Bm[gi]);
-      C_s[i] = IO::load(Cm[gi]);
-    }
-    for (int t = threadIdx.x; t < tc; t += CH)
+    for (int t = threadIdx.x; t < tc; t += blockDim.x)
       rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
   };
 
-  /* pass 1: the state at every chunk start, to global scratch */
-  for (int ci = 0; ci < nchunks; ci++) {
-    const int t0 = ci * TC, tc = min(TC, L - t0);
-    float4 *dst = (float4 *)(ck + ((int64_t)ci * D + d) * N);
+  float a2[4], h[4];
 #pragma unroll
-    for (int q = 0; q < 4; q++) dst[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
-    if (ci == nchunks - 1) break;
+  for (int k = 0; k < 4; k++) {
+    a2[k] = p.A[(int64_t)d * N + 4 * j + k] * LOG2E;
+    h[k] = p.h0 ? p.h0[((int64_t)b * D + d) * N + 4 * j + k] : 0.0f;
+  }
+  const float Dd = p.Dskip ? p.Dskip[d] : 0.0f;
+
+  /* pass 1: checkpoints every SUB steps */
+  issue(0, 0, false);
+  issue(1, 1, false);
+  for (int k = 0; k < nchunks; k++) {
+    const int t0 = k * TS, tc = min(TS, L - t0);
+    const T *st = (const T *)bsm + (k & 1) * stage_elems;
+    const T *u_r = st, *B_r = st + 4 * TS * CH;
+    __pipeline_wait_prior(1);
     __syncthreads();
-    stage(t0, tc, false);
+    convert(st, t0, tc, false);
     __syncthreads();
     for (int t = 0; t < tc; t++) {
-      const float dt = dt_s[t * CH + c], du = dt * u_s[t * CH + c], keep = rs_s[t];
-#pragma unroll
-      for (int n = 0; n < N; n++) h[n] = fmaf(exp2f(dt * a2[n]), h[n] * keep, du * B_s[t * N + n]);
+      if ((t0 + t) % SUB == 0)
+        *(float4 *)(ck + ((int64_t)((t0 + t) / SUB) * D + d) * N + 4 * j) = make_float4(h[0], h[1], h[2], h[3]);
+      const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = rs_s[t];
+      const float4 bv = load4<IO>(B_r + t * N + 4 * j);
+      h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
+      h[1] = fmaf(exp2f(dt * a2[1]), h[1] * keep, du * bv.y);
+      h[2] = fmaf(exp2f(dt * a2[2]), h[2] * keep, du * bv.z);
+      h[3] = fmaf(exp2f(dt * a2[3]), h[3] * keep, du * bv.w);
     }
+    __syncthreads();
+    issue(k + 2, k, false);
   }
+  __pipeline_wait_prior(0);
+  __syncthreads();
 
   /* pass 2: reverse */
-  float dh[N], dA[N];
+  float dh[4], dA[4];
 #pragma unroll
-  for (int n = 0; n < N; n++) {
-    dh[n] = p.dh_last ? p.dh_last[((int64_t)b * D + d) * N + n] : 0.0f;
-    dA[n] = 0.0f;
+  for (int k = 0; k < 4; k++) {
+    dh[k] = p.dh_last ? p.dh_last[((int64_t)b * D + d) * N + 4 * j + k] : 0.0f;
+    dA[k] = 0.0f;
   }
   float dD_acc = 0.0f, ddb_acc = 0.0f;
-
-  for (int ci = nchunks - 1; ci >= 0; ci--) {
-    const int t0 = ci * TC, tc = min(TC, L - t0);
+  issue(nchunks - 1, 0, true);
+  issue(nchunks - 2, 1, true);
+  for (int m = 0; m < nchunks; m++) {
+    const int k = nchunks - 1 - m, t0 = k * TS, tc = min(TS, L - t0);
+    const T *st = (const T *)bsm + (m & 1) * stage_elems;
+    const T *u_r = st, *B_r = st + 4 * TS * CH, *C_r = B_r + TS * N;
+    __pipeline_wait_prior(1);
     __syncthreads();
-    stage(t0, tc, true);
-    const float4 *src = (const float4 *)(ck + ((int64_t)ci * D + d) * N);
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-      float4 v = src[q];
-      h[4 * q] = v.x;
-      h[4 * q + 1] = v.y;
-      h[4 * q + 2] = v.z;
-      h[4 * q + 3] = v.w;
-    }
+    convert(st, t0, tc, true);
     __syncthreads();
 
-    /* recompute the chunk's states into hist_s; y before the gate */
-    float hin[N];
+    for (int s0 = ((tc - 1) / SUB) * SUB; s0 >= 0; s0 -= SUB) { /* pieces, last first */
+      const int sc = min(SUB, tc - s0);
+      float hist[SUB][4], hin[4];
+      const float4 hv = *(const float4 *)(ck + ((int64_t)((t0 + s0) / SUB) * D + d) * N + 4 * j);
+      hin[0] = hv.x; hin[1] = hv.y; hin[2] = hv.z; hin[3] = hv.w;
 #pragma unroll
-    for (int n = 0; n < N; n++) hin[n] = h[n];
-    for (int t = 0; t < tc; t++) {
-      const float dt = dt_s[t * CH + c], du = dt * u_s[t * CH + c], keep = rs_s[t];
-      float acc = 0.0f;
+      for (int k2 = 0; k2 < 4; k2++) h[k2] = hin[k2];
 #pragma unroll
-      for (int n = 0; n < N; n++) {
-        h[n] = fmaf(exp2f(dt * a2[n]), h[n] * keep, du * B_s[t * N + n]);
-        acc = fmaf(C_s[t * N + n], h[n], acc);
-        hist_s[(t * N + n) * CH + c] = h[n];
-      }
-      yp_s[t * CH + c] = fmaf(Dd, u_s[t * CH + c], acc);
-    }
-
-    /* reverse through the chunk */
-    for (int t = tc - 1; t >= 0; t--) {
-      const int i = t * CH + c;
-      const float dt = dt_s[i], uu = u_s[i], gy = dy_s[i], keep = rs_s[t];
-      float sA = 0.0f, sB = 0.0f, v[2 * N];
+      for (int t = 0; t < SUB; t++) {
+        if (t < sc) {
+          const int i = (s0 + t) * CH + c;
+          const float dt = dt_s[i], du = dt * IO::load(u_r[i]), keep = rs_s[s0 + t];
+          const float4 bv = load4<IO>(B_r + (s0 + t) * N + 4 * j);
+          const float4 cv = load4<IO>(C_r + (s0 + t) * N + 4 * j);
+          h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
+          h[1] = fmaf(exp2f(dt * a2[1]), h[1] * keep, du * bv.y);
+          h[2] = fmaf(exp2f(dt * a2[2]), h[2] * keep, du * bv.z);
+          h[3] = fmaf(exp2f(dt * a2[3]), h[3] * keep, du * bv.w);
 #pragma unroll
-      for (int n = 0; n < N; n++) {
-        float hprev = (t > 0 ? hist_s[((t - 1) * N + n) * CH + c] : hin[n]) * keep;
-        float a = exp2f(dt * a2[n]);
-        float bn = B_s[t * N + n];
-        float g_h = fmaf(C_s[t * N + n], gy, dh[n]); /* dL/dh_t */
-        float gha = g_h * a * hprev;
-        dA[n] = fmaf(dt, gha, dA[n]);
-        sA = fmaf(a2[n], gha, sA);
-        sB = fmaf(g_h, bn, sB);
-        v[n] = g_h * dt * uu;                          /* dB contribution */
-        v[N + n] = gy * hist_s[(t * N + n) * CH + c];  /* dC contribution */
-        dh[n] = g_h * a * keep;
-      }
-      /* reduce-scatter over the warp: lane l ends with value l summed */
-#pragma unroll
-      for (int st = 0; st < 5; st++) {
-        const int o = 16 >> st; /* partner distance = values kept */
-        const bool up = (lane & o) != 0;
-#pragma unroll
-        for (int k = 0; k < o; k++) {
-          float send = up ? v[k] : v[k + o];
-          float keepv = up ? v[k + o] : v[k];
-          v[k] = keepv + __shfl_xor_sync(0xffffffffu, send, o);
+          for (int k2 = 0; k2 < 4; k2++) hist[t][k2] = h[k2];
+          if (z) {
+            float acc = fmaf(cv.x, h[0], fmaf(cv.y, h[1], fmaf(cv.z, h[2], cv.w * h[3])));
+            acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            if (j == 0) yp_s[i] = fmaf(Dd, IO::load(u_r[i]), acc);
+          }
         }
       }
-      red_s[(t * NW + warp) * 32 + lane] = v[0];
-      float ddl = fmaf(LN2, sA, uu * sB) * fac_s[i];
-      du_s[i] = fmaf(Dd, gy, dt * sB);
-      dd_s[i] = ddl;
-      dD_acc = fmaf(gy, uu, dD_acc);
-      ddb_acc += ddl;
+#pragma unroll
+      for (int t = SUB - 1; t >= 0; t--) {
+        if (t < sc) {
+          const int tt = s0 + t, i = tt * CH + c;
+          const float dt = dt_s[i], uu = IO::load(u_r[i]), gy = dy_s[i], keep = rs_s[tt];
+          const float4 bv = load4<IO>(B_r + tt * N + 4 * j);
+          const float4 cv = load4<IO>(C_r + tt * N + 4 * j);
+          const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, cc[4] = {cv.x, cv.y, cv.z, cv.w};
+          float sA = 0.0f, sB = 0.0f, v[8];
+#pragma unroll
+          for (int k2 = 0; k2 < 4; k2++) {
+            const float hprev = (t > 0 ? hist[t > 0 ? t - 1 : 0][k2] : hin[k2]) * keep;
+            const float a = exp2f(dt * a2[k2]);
+            const float g_h = fmaf(cc[k2], gy, dh[k2]);
+            const float gha = g_h * a * hprev;
+            dA[k2] = fmaf(dt, gha, dA[k2]);
+            sA = fmaf(a2[k2], gha, sA);
+            sB = fmaf(g_h, bb[k2], sB);
+            v[k2] = g_h * dt * uu;
+            v[4 + k2] = gy * hist[t][k2];
+            dh[k2] = g_h * a * keep;
+          }
+          sA += __shfl_xor_sync(0xffffffffu, sA, 1);
+          sA += __shfl_xor_sync(0xffffffffu, sA, 2);
+          sB += __shfl_xor_sync(0xffffffffu, sB, 1);
+          sB += __shfl_xor_sync(0xffffffffu, sB, 2);
+          /* reduce-scatter over the 8 channels of the warp (lane bits 2..4) */
+#pragma unroll
+          for (int st2 = 0; st2 < 3; st2++) {
+            const int kept = 4 >> st2, o = 16 >> st2;
+            const bool up = (lane & o) != 0;
+#pragma unroll
+            for (int q = 0; q < kept; q++) {
+              float send = up ? v[q] : v[q + kept];
+              float keepv = up ? v[q + kept] : v[q];
+              v[q] = keepv + __shfl_xor_sync(0xffffffffu, send, o);
+            }
+          }
+          const int vi = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+          red_s[(tt * 4 + warp) * 32 + (vi < 4 ? 0 : 16) + 4 * j + (vi & 3)] = v[0];
+          if (j == 0) {
+            const float ddl = fmaf(LN2, sA, uu * sB) * fac_s[i];
+            du_s[i] = fmaf(Dd, gy, dt * sB);
+            dd_s[i] = ddl;
+            dD_acc = fmaf(gy, uu, dD_acc);
+            ddb_acc += ddl;
+          }
+        }
+      }
     }
     __syncthreads();
 
-    /* outputs of the chunk */
-    for (int i = threadIdx.x; i < tc * CH; i += CH) {
+    for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
       int t = i / CH, cc = i % CH;
       int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
       if (p.du) ((T *)p.du)[gi] = IO::store(du_s[i]);
       if (p.ddelta) ((T *)p.ddelta)[gi] = IO::store(dd_s[i]);
       if (p.dz) {
-        float zz = IO::load(z[gi]), sg = sigmoid_f(zz);
-        float go = IO::load(dout[gi]);
-        ((T *)p.dz)[gi] = IO::store(go * yp_s[i] * sg * (1.0f + zz * (1.0f - sg)));
+        const T *z_r = st + 3 * TS * CH, *go_r = st + 2 * TS * CH;
+        float zz = IO::load(z_r[i]), sg = sigmoid_f(zz);
+        ((T *)p.dz)[gi] = IO::store(IO::load(go_r[i]) * yp_s[i] * sg * (1.0f + zz * (1.0f - sg)));
       }
     }
-    for (int i = threadIdx.x; i < tc * 32; i += CH) {
-      int t = i / 32, k = i % 32;
-      float sum = 0.0f;
-      for (int w = 0; w < NW; w++) sum += red_s[(t * NW + w) * 32 + k];
-      float *dst = k < N ? p.dB_part : p.dC_part;
-      if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (k % N)] = sum;
+    for (int i = threadIdx.x; i < tc * 32; i += blockDim.x) {
+      int t = i / 32, slot = i % 32;
+      float sum = red_s[(t * 4 + 0) * 32 + slot] + red_s[(t * 4 + 1) * 32 + slot] +
+                  red_s[(t * 4 + 2) * 32 + slot] + red_s[(t * 4 + 3) * 32 + slot];
+      float *dst = slot < N ? p.dB_part : p.dC_part;
+      if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (slot % N)] = sum;
     }
+    __syncthreads();
+    issue(k - 2, m, true);
   }
 
 #pragma unroll
-  for (int n = 0; n < N; n++) {
-    int64_t o = ((int64_t)b * D + d) * N + n;
-    p.dA_part[o] = dA[n];
-    if (p.dh0) p.dh0[o] = dh[n];
+  for (int k = 0; k < 4; k++) {
+    int64_t o = ((int64_t)b * D + d) * N + 4 * j + k;
+    p.dA_part[o] = dA[k];
+    if (p.dh0) p.dh0[o] = dh[k];
   }
-  p.dD_part[(int64_t)b * D + d] = dD_acc;
-  p.ddb_part[(int64_t)b * D + d] = ddb_acc;
+  if (j == 0) {
+    p.dD_part[(int64_t)b * D + d] = dD_acc;
+    p.ddb_part[(int64_t)b * D + d] = ddb_acc;
+  }
 }
 
 /* dB[b, t, g, n] = Σ over the blocks of group g of part[b, blk, t, n]. */
@@ -775,13 +969,48 @@ static void fill_common(scan_params *p, const mx_scan_args *a) {
  * 16 states (no cross-lane sums, the most work per thread); otherwise
  * NPT = 4 (8 above N = 128) states per lane and LPC lanes per channel. */
 static void pick_forward_lanes(int B, int D, int N, int sm_count, int *npt, int *lpc) {
-  if (N == 16 && (int64_t)B * D >= 64LL * sm_count) {
-    *npt = 16;
-    *lpc = 1;
-    return;
-  }
+  (void)B;
+  (void)D;
+  (void)sm_count;
   pick_lanes(N, npt, lpc);
   if (*npt == 8 && *lpc < 16) *lpc = 16;
+}
+
+static int aligned16_ptr(const void *q) { return q == NULL || ((uintptr_t)q & 15) == 0; }
+
+/* The N = 16 fast forward applies when channels come in whole blocks of 32
+ * per group and every io row starts on a 16-byte boundary. */
+static int forward16_ok(const mx_scan_args *a) {
+  return a->dstate == 16 && (a->dim / a->groups) % F16_CH == 0 && aligned16_ptr(a->u) &&
+         aligned16_ptr(a->delta) && aligned16_ptr(a->z) && aligned16_ptr(a->Bm) &&
+         aligned16_ptr(a->Cm);
+}
+
+#define F16_TC 32
+
+template <class IO>
+static int forward16_io(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
+  const size_t es = sizeof(typename IO::T);
+  size_t smem = 2 * (3 * F16_TC * F16_CH + 2 * F16_TC * 16) * es +
+                sizeof(float) * (2 * F16_TC * F16_CH + F16_TC);
+  auto kern = scan_forward16_kernel<IO, F16_TC>;
+  int rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     (int)smem));
+  if (rc != MX_OK) return rc;
+  dim3 grid((unsigned)(p.D / F16_CH), (unsigned)p.B);
+  kern<<<grid, F16_CH * 4, smem, d->stream>>>(p);
+  return MX_CUDA_CALL(d, err, cudaGetLastError());
+}
+
+static int launch_forward16(scan_params &p, int io, mx_cuda_dev *d, mx_err *err) {
+  p.CH = F16_CH;
+  p.LPC = 4;
+  p.TC = F16_TC;
+  switch (io) {
+    case MX_F32: return forward16_io<mx_t_f32>(p, d, err);
+    case MX_BF16: return forward16_io<mx_t_bf16>(p, d, err);
+    default: return forward16_io<mx_t_f16>(p, d, err);
+  }
 }
 
 int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last,
@@ -796,6 +1025,11 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
   p.h_last = (float *)h_last;
   rc = mx_cuda_begin(dev, err, &d);
   if (rc != MX_OK) return rc;
+  if (forward16_ok(a)) {
+    rc = launch_forward16(p, a->io, d, err);
+    mx_cuda_unlock(d);
+    return rc;
+  }
   int npt;
   pick_forward_lanes(p.B, p.D, p.N, d->sm_count, &npt, &p.LPC);
   p.CH = pick_ch(p.B, p.D, p.G, p.LPC, d->sm_count);
@@ -850,11 +1084,11 @@ static int backward_io(const scan_params &p, const mx_scan_grads *gr, int npt, d
                        size_t smem, mx_cuda_dev *d, mx_err *err) {
   int rc;
   if (npt == 16) {
-    auto kern = scan_backward16_kernel<IO, BWD_TC>;
+    auto kern = scan_backward16_kernel<IO>;
     rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    (int)smem));
     if (rc != MX_OK) return rc;
-    kern<<<grid, p.CH, smem, d->stream>>>(p);
+    kern<<<grid, F16_CH * 4, smem, d->stream>>>(p);
     rc = MX_CUDA_CALL(d, err, cudaGetLastError());
   } else {
     rc = npt == 4 ? backward_lpc<IO, 4>(p, grid, smem, d->stream, d, err)
@@ -915,18 +1149,23 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   if (rc != MX_OK) return rc;
   size_t TC = BWD_TC, smem;
   p.TC = BWD_TC;
-  if (p.N == 16 && (p.D / p.G) % 32 == 0) { /* the fast path: a lane per channel */
+  int nsub = 0;
+  if (forward16_ok(a) && aligned16_ptr(d_out)) { /* the fast path (npt 16 marks it) */
     npt = 16;
-    p.LPC = 1;
-    p.CH = (p.D / p.G) % 64 == 0 && (int64_t)p.B * (p.D / 64) >= 2LL * d->sm_count ? 64 : 32;
-    smem = sizeof(float) * (7 * TC * p.CH + 2 * TC * 16 + TC + TC * 16 * p.CH + TC * 32 * (p.CH / 32));
+    p.LPC = 4;
+    p.CH = F16_CH;
+    p.TC = B16_SUB;
+    size_t es = mx_dtype_size(a->io), TS = B16_TS;
+    smem = 2 * (4 * TS * F16_CH + 2 * TS * 16) * es +
+           sizeof(float) * (6 * TS * F16_CH + TS + TS * 4 * 32);
+    nsub = (p.L + B16_SUB - 1) / B16_SUB;
   } else {
     pick_lanes(p.N, &npt, &p.LPC);
     p.CH = pick_ch(p.B, p.D, p.G, p.LPC, d->sm_count);
     size_t NP = (size_t)p.N + 1;
     smem = sizeof(float) * (7 * TC * p.CH + 2 * TC * p.N + TC + 2 * TC * p.CH * NP);
   }
-  int nblk = p.D / p.CH, nchunks = (p.L + BWD_TC - 1) / BWD_TC;
+  int nblk = p.D / p.CH, nchunks = npt == 16 ? nsub : (p.L + BWD_TC - 1) / BWD_TC;
 
   /* scratch: checkpoints and partial sums, one allocation */
   size_t n_ck = (size_t)p.B * nchunks * p.D * p.N;
