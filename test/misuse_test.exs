@@ -138,6 +138,7 @@ defmodule Mambex.MisuseTest do
       ]
   end
 
+  defp garbage(:event), do: base() ++ [t(), make_ref()]
   defp garbage(:limit), do: base()
   # counts beyond the tensor are valid (they return the whole tensor)
   defp garbage(:count), do: Enum.reject(base(), &(is_integer(&1) and &1 >= 0))
@@ -254,7 +255,11 @@ defmodule Mambex.MisuseTest do
       {"NIF.binary", &NIF.binary/3, [:add, t(), t()], [:binary_op, :operand, :operand]},
       {"NIF.binary(scalar)", &NIF.binary/3, [:divide, 2.0, t()], [:ok, :operand, :ok]},
       {"NIF.axpy", &NIF.axpy/3, [2.0, t(), t()], [:number, :tensor, :tensor]},
-      {"NIF.reduce", &NIF.reduce/3, [:sum, t(), nil], [:reduce_op, :tensor, :axis]}
+      {"NIF.reduce", &NIF.reduce/3, [:sum, t(), nil], [:reduce_op, :tensor, :axis]},
+      {"NIF.event_record", &NIF.event_record/1, [:cpu], [:device]},
+      {"NIF.event_elapsed", &NIF.event_elapsed/2, [NIF.event_record(:cpu), NIF.event_record(:cpu)],
+       [:event, :event]},
+      {"NIF.spin", &NIF.spin/2, [:cpu, 1.0], [:device, :number]}
     ])
   end
 

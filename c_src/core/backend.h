@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define MX_BACKEND_ABI 2
+#define MX_BACKEND_ABI 3
 #define MX_MAX_RANK 8
 #define MX_MAX_CUDA_DEVICES 16
 #define MX_ERR_LEN 256
@@ -196,6 +196,10 @@ typedef struct mx_backend {
   int (*event_record)(int dev, void **event, mx_err *err);
   int (*event_elapsed)(int dev, void *start, void *end, double *us, mx_err *err);
   void (*event_destroy)(int dev, void *event);
+  /* Keep the device queue busy for `us` microseconds (a spinning kernel; a
+   * no-op on the CPU): benchmarks enqueue it before a timed region so that
+   * the region's events measure device time, not host enqueue time. */
+  int (*spin)(int dev, double us, mx_err *err);
 
   /* Selective scan. forward writes out (B, L, D) io and h_last (B, D, N)
    * param. backward takes d_out (B, L, D) io and dh_last (B, D, N) param or

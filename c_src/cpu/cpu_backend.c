@@ -539,6 +539,13 @@ static void cpu_event_destroy(int dev, void *event) {
   free(event);
 }
 
+static int cpu_spin(int dev, double us, mx_err *err) {
+  (void)dev;
+  (void)us;
+  (void)err;
+  return MX_OK;
+}
+
 static const mx_backend cpu_backend = {
     .abi = MX_BACKEND_ABI,
     .name = "cpu",
@@ -562,6 +569,7 @@ static const mx_backend cpu_backend = {
     .event_record = cpu_event_record,
     .event_elapsed = cpu_event_elapsed,
     .event_destroy = cpu_event_destroy,
+    .spin = cpu_spin,
     .scan_forward = cpu_scan_forward,
     .scan_backward = cpu_scan_backward,
 };

@@ -30,6 +30,7 @@ static const mx_backend mx_cuda_table = {
     .event_record = mx_cuda_event_record,
     .event_elapsed = mx_cuda_event_elapsed,
     .event_destroy = mx_cuda_event_destroy,
+    .spin = mx_cuda_spin,
     .scan_forward = mx_cuda_scan_forward,
     .scan_backward = mx_cuda_scan_backward,
 };

@@ -31,6 +31,7 @@ MX_CUDA_HIDDEN int mx_cuda_event_record(int dev, void **event, mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_event_elapsed(int dev, void *start, void *end, double *us,
                                          mx_err *err);
 MX_CUDA_HIDDEN void mx_cuda_event_destroy(int dev, void *event);
+MX_CUDA_HIDDEN int mx_cuda_spin(int dev, double us, mx_err *err);
 
 /* elementwise.cu */
 MX_CUDA_HIDDEN int mx_cuda_fill(int dev, int dtype, void *dst, size_t n, mx_scalar value,

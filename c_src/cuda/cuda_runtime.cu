@@ -516,3 +516,24 @@ void mx_cuda_event_destroy(int dev, void *event) {
   if (MX_CUDA_CALL(d, &ignored, cudaSetDevice(dev)) != MX_OK) return;
   (void)MX_CUDA_CALL(d, &ignored, cudaEventDestroy((cudaEvent_t)event));
 }
+
+/* ---- spin: a kernel that busy-waits on the global timer ----------------- */
+
+static __global__ void spin_kernel(uint64_t ns) {
+  uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
+int mx_cuda_spin(int dev, double us, mx_err *err) {
+  mx_cuda_dev *d = NULL;
+  int rc = mx_cuda_begin(dev, err, &d);
+  if (rc != MX_OK) return rc;
+  double ns = us > 0 ? (us < 1e7 ? us * 1e3 : 1e10) : 0;
+  spin_kernel<<<1, 1, 0, d->stream>>>((uint64_t)ns);
+  rc = MX_CUDA_CALL(d, err, cudaGetLastError());
+  mx_cuda_unlock(d);
+  return rc;
+}

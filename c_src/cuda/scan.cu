@@ -41,6 +41,7 @@
 #include <string.h>
 
 #include <cuda_pipeline.h>
+#include <type_traits>
 
 #include "cuda_dtypes.cuh"
 #include "cuda_ops.h"
@@ -325,8 +326,7 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
       rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
     __syncthreads();
 
-#pragma unroll 4
-    for (int t = 0; t < tc; t++) {
+    auto step = [&](int t) {
       const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = rs_s[t];
       const float4 bv = load4<IO>(B_r + t * N + 4 * j), cv = load4<IO>(C_r + t * N + 4 * j);
       h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
@@ -337,6 +337,12 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
       acc += __shfl_xor_sync(0xffffffffu, acc, 1);
       acc += __shfl_xor_sync(0xffffffffu, acc, 2);
       if (j == 0) y_s[t * CH + c] = acc;
+    };
+    if (tc == TC) { /* whole chunks run as straight-line code */
+#pragma unroll
+      for (int t = 0; t < TC; t++) step(t);
+    } else {
+      for (int t = 0; t < tc; t++) step(t);
     }
     __syncthreads();
 
@@ -732,8 +738,9 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     convert(st, t0, tc, true);
     __syncthreads();
 
-    for (int s0 = ((tc - 1) / SUB) * SUB; s0 >= 0; s0 -= SUB) { /* pieces, last first */
-      const int sc = min(SUB, tc - s0);
+    /* one SUB-step piece; FULL pieces compile to straight-line code */
+    auto piece = [&](auto full_tag, int s0, int sc) {
+      constexpr bool FULL = decltype(full_tag)::value;
       float hist[SUB][4], hin[4];
       const float4 hv = *(const float4 *)(ck + ((int64_t)((t0 + s0) / SUB) * D + d) * N + 4 * j);
       hin[0] = hv.x; hin[1] = hv.y; hin[2] = hv.z; hin[3] = hv.w;
@@ -741,7 +748,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
       for (int k2 = 0; k2 < 4; k2++) h[k2] = hin[k2];
 #pragma unroll
       for (int t = 0; t < SUB; t++) {
-        if (t < sc) {
+        if (FULL || t < sc) {
           const int i = (s0 + t) * CH + c;
           const float dt = dt_s[i], du = dt * IO::load(u_r[i]), keep = rs_s[s0 + t];
           const float4 bv = load4<IO>(B_r + (s0 + t) * N + 4 * j);
@@ -762,7 +769,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
       }
 #pragma unroll
       for (int t = SUB - 1; t >= 0; t--) {
-        if (t < sc) {
+        if (FULL || t < sc) {
           const int tt = s0 + t, i = tt * CH + c;
           const float dt = dt_s[i], uu = IO::load(u_r[i]), gy = dy_s[i], keep = rs_s[tt];
           const float4 bv = load4<IO>(B_r + tt * N + 4 * j);
@@ -809,6 +816,11 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
           }
         }
       }
+    };
+    for (int s0 = ((tc - 1) / SUB) * SUB; s0 >= 0; s0 -= SUB) { /* pieces, last first */
+      const int sc = min(SUB, tc - s0);
+      if (sc == SUB) piece(std::true_type(), s0, sc);
+      else piece(std::false_type(), s0, sc);
     }
     __syncthreads();
 

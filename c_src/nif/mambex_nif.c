@@ -993,6 +993,20 @@ static ERL_NIF_TERM nif_event_record(ErlNifEnv *env, int argc, const ERL_NIF_TER
 }
 #undef OP
 
+#define OP "spin"
+/* spin(device, microseconds): keeps the device queue busy (benchmarks). */
+static ERL_NIF_TERM nif_spin(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+  GET_DEVICE(argv[0], slot, "device");
+  double us;
+  if (!get_number(env, argv[1], &us) || !(us >= 0 && us <= 1e7))
+    return raise_arg(env, OP, "microseconds must be a number in 0..10_000_000, got: %.200T", argv[1]);
+  MAYBE_RESCHEDULE(nif_spin, slot, 0, NULL);
+  mx_err err = {0, {0}};
+  if (mx_backend_for(slot)->spin(mx_backend_dev(slot), us, &err)) return raise_err(env, OP, &err);
+  return A_OK;
+}
+#undef OP
+
 #define OP "event_elapsed"
 /* event_elapsed(start, end): microseconds between two events of one device. */
 static ERL_NIF_TERM nif_event_elapsed(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
@@ -1131,6 +1145,7 @@ static ErlNifFunc nif_funcs[] = {
     {"reduce", 3, nif_reduce, 0},
     {"event_record", 1, nif_event_record, 0},
     {"event_elapsed", 2, nif_event_elapsed, 0},
+    {"spin", 2, nif_spin, 0},
     {"scan_forward", 11, nif_scan_forward, 0},
     {"scan_backward", 13, nif_scan_backward, 0},
 };

@@ -46,6 +46,7 @@ defmodule Mambex.NIF do
   def reduce(_op, _tensor, _axis), do: nif_error()
   def event_record(_device), do: nif_error()
   def event_elapsed(_start, _end), do: nif_error()
+  def spin(_device, _us), do: nif_error()
 
   def scan_forward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset),
     do: nif_error()
