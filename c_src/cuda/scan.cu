@@ -741,7 +741,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     /* one SUB-step piece; FULL pieces compile to straight-line code */
     auto piece = [&](auto full_tag, int s0, int sc) {
       constexpr bool FULL = decltype(full_tag)::value;
-      float hist[SUB][4], hin[4];
+      float hist[SUB][4], av[SUB][4], hin[4]; /* h_t and exp(Δ_t A) of the piece */
       const float4 hv = *(const float4 *)(ck + ((int64_t)((t0 + s0) / SUB) * D + d) * N + 4 * j);
       hin[0] = hv.x; hin[1] = hv.y; hin[2] = hv.z; hin[3] = hv.w;
 #pragma unroll
@@ -753,10 +753,12 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
           const float dt = dt_s[i], du = dt * IO::load(u_r[i]), keep = rs_s[s0 + t];
           const float4 bv = load4<IO>(B_r + (s0 + t) * N + 4 * j);
           const float4 cv = load4<IO>(C_r + (s0 + t) * N + 4 * j);
-          h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
-          h[1] = fmaf(exp2f(dt * a2[1]), h[1] * keep, du * bv.y);
-          h[2] = fmaf(exp2f(dt * a2[2]), h[2] * keep, du * bv.z);
-          h[3] = fmaf(exp2f(dt * a2[3]), h[3] * keep, du * bv.w);
+#pragma unroll
+          for (int k2 = 0; k2 < 4; k2++) av[t][k2] = exp2f(dt * a2[k2]);
+          h[0] = fmaf(av[t][0], h[0] * keep, du * bv.x);
+          h[1] = fmaf(av[t][1], h[1] * keep, du * bv.y);
+          h[2] = fmaf(av[t][2], h[2] * keep, du * bv.z);
+          h[3] = fmaf(av[t][3], h[3] * keep, du * bv.w);
 #pragma unroll
           for (int k2 = 0; k2 < 4; k2++) hist[t][k2] = h[k2];
           if (z) {
@@ -779,7 +781,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
 #pragma unroll
           for (int k2 = 0; k2 < 4; k2++) {
             const float hprev = (t > 0 ? hist[t > 0 ? t - 1 : 0][k2] : hin[k2]) * keep;
-            const float a = exp2f(dt * a2[k2]);
+            const float a = av[t][k2];
             const float g_h = fmaf(cc[k2], gy, dh[k2]);
             const float gha = g_h * a * hprev;
             dA[k2] = fmaf(dt, gha, dA[k2]);
