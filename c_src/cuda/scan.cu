@@ -38,6 +38,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cuda_pipeline.h>
@@ -254,10 +255,21 @@ static __device__ __forceinline__ float4 load4(const typename IO::T *p) {
   }
 }
 
-template <class IO, int TC>
+/* exp2 on the special-function unit, denormal results flushed to zero. */
+static __device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/* LPC lanes per channel (4, 2 or 1), each owning NPT = 16 / LPC contiguous
+ * states; CH = 128 / LPC channels per block of 128 threads. RESET: whether a
+ * reset tensor was given (without one the state is never multiplied by the
+ * keep flag). */
+template <class IO, int TC, int LPC, bool RESET>
 __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
   typedef typename IO::T T;
-  const int CH = F16_CH, N = 16;
+  constexpr int CH = 128 / LPC, N = 16, NPT = 16 / LPC;
   extern __shared__ __align__(16) unsigned char fsm[];
   const int D = p.D, L = p.L;
   const size_t es = sizeof(T);
@@ -269,7 +281,7 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
 
   const int b = blockIdx.y, d0 = blockIdx.x * CH;
   const int g = d0 / (D / p.G);
-  const int c = threadIdx.x >> 2, j = threadIdx.x & 3, d = d0 + c;
+  const int c = threadIdx.x / LPC, j = threadIdx.x % LPC, d = d0 + c;
   const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
   const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm;
   T *out = (T *)p.out;
@@ -286,25 +298,25 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
         int t = i / R, q = i % R;
         int64_t gi = ((int64_t)b * L + t0 + t) * D + d0;
         size_t off = (size_t)t * CH * es + (size_t)q * 16;
-        cp16<T>((char *)st + off, (const char *)(u + gi) + q * 16);
-        cp16<T>((char *)(st + TC * CH) + off, (const char *)(delta + gi) + q * 16);
-        if (z) cp16<T>((char *)(st + 2 * TC * CH) + off, (const char *)(z + gi) + q * 16);
+        __pipeline_memcpy_async((char *)st + off, (const char *)(u + gi) + q * 16, 16);
+        __pipeline_memcpy_async((char *)(st + TC * CH) + off, (const char *)(delta + gi) + q * 16, 16);
+        if (z) __pipeline_memcpy_async((char *)(st + 2 * TC * CH) + off, (const char *)(z + gi) + q * 16, 16);
       }
       for (int i = threadIdx.x; i < tc * RB; i += blockDim.x) {
         int t = i / RB, q = i % RB;
         int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N;
         size_t off = (size_t)t * N * es + (size_t)q * 16;
-        cp16<T>((char *)(st + 3 * TC * CH) + off, (const char *)(Bm + gi) + q * 16);
-        cp16<T>((char *)(st + 3 * TC * CH + TC * N) + off, (const char *)(Cm + gi) + q * 16);
+        __pipeline_memcpy_async((char *)(st + 3 * TC * CH) + off, (const char *)(Bm + gi) + q * 16, 16);
+        __pipeline_memcpy_async((char *)(st + 3 * TC * CH + TC * N) + off, (const char *)(Cm + gi) + q * 16, 16);
       }
     }
     __pipeline_commit(); /* an empty group past the end keeps the counting simple */
   };
 
-  float a2[4], h[4];
+  float a2[NPT], h[NPT];
 #pragma unroll
-  for (int k = 0; k < 4; k++) {
-    int n = 4 * j + k;
+  for (int k = 0; k < NPT; k++) {
+    int n = NPT * j + k;
     a2[k] = p.A[(int64_t)d * N + n] * LOG2E;
     h[k] = p.h0 ? p.h0[((int64_t)b * D + d) * N + n] : 0.0f;
   }
@@ -322,20 +334,29 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
       float dl = IO::load(dl_r[i]) + (p.dbias ? p.dbias[d0 + (i % CH)] : 0.0f);
       dt_s[i] = p.softplus ? softplus_f(dl) : dl;
     }
-    for (int t = threadIdx.x; t < tc; t += blockDim.x)
-      rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
+    if (RESET)
+      for (int t = threadIdx.x; t < tc; t += blockDim.x)
+        rs_s[t] = p.reset[(int64_t)b * L + t0 + t] ? 0.0f : 1.0f;
     __syncthreads();
 
     auto step = [&](int t) {
-      const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = rs_s[t];
-      const float4 bv = load4<IO>(B_r + t * N + 4 * j), cv = load4<IO>(C_r + t * N + 4 * j);
-      h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
-      h[1] = fmaf(exp2f(dt * a2[1]), h[1] * keep, du * bv.y);
-      h[2] = fmaf(exp2f(dt * a2[2]), h[2] * keep, du * bv.z);
-      h[3] = fmaf(exp2f(dt * a2[3]), h[3] * keep, du * bv.w);
-      float acc = fmaf(cv.x, h[0], fmaf(cv.y, h[1], fmaf(cv.z, h[2], cv.w * h[3])));
-      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]);
+      float bb[NPT], cc[NPT];
+#pragma unroll
+      for (int q = 0; q < NPT / 4; q++) {
+        float4 bv = load4<IO>(B_r + t * N + NPT * j + 4 * q), cv = load4<IO>(C_r + t * N + NPT * j + 4 * q);
+        bb[4 * q] = bv.x; bb[4 * q + 1] = bv.y; bb[4 * q + 2] = bv.z; bb[4 * q + 3] = bv.w;
+        cc[4 * q] = cv.x; cc[4 * q + 1] = cv.y; cc[4 * q + 2] = cv.z; cc[4 * q + 3] = cv.w;
+      }
+      float acc = 0.0f;
+#pragma unroll
+      for (int q = 0; q < NPT; q++) {
+        const float hk = RESET ? h[q] * rs_s[t] : h[q];
+        h[q] = fmaf(ex2_ftz(dt * a2[q]), hk, du * bb[q]);
+        acc = fmaf(cc[q], h[q], acc);
+      }
+#pragma unroll
+      for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (j == 0) y_s[t * CH + c] = acc;
     };
     if (tc == TC) { /* whole chunks run as straight-line code */
@@ -361,7 +382,7 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
     issue(k + 2);
   }
 #pragma unroll
-  for (int k = 0; k < 4; k++) p.h_last[((int64_t)b * D + d) * N + 4 * j + k] = h[k];
+  for (int k = 0; k < NPT; k++) p.h_last[((int64_t)b * D + d) * N + NPT * j + k] = h[k];
 }
 
 /* ---- backward -------------------------------------------------------------
@@ -605,7 +626,7 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
 #define B16_TS 16
 #define B16_SUB 8
 
-template <class IO>
+template <class IO, bool RESET>
 __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   typedef typename IO::T T;
   const int CH = F16_CH, N = 16, TS = B16_TS, SUB = B16_SUB;
@@ -680,8 +701,9 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
         dy_s[i] = go;
       }
     }
-    for (int t = threadIdx.x; t < tc; t += blockDim.x)
-      rs_s[t] = (p.reset && p.reset[(int64_t)b * L + t0 + t]) ? 0.0f : 1.0f;
+    if (RESET)
+      for (int t = threadIdx.x; t < tc; t += blockDim.x)
+        rs_s[t] = p.reset[(int64_t)b * L + t0 + t] ? 0.0f : 1.0f;
   };
 
   float a2[4], h[4];
@@ -706,12 +728,12 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     for (int t = 0; t < tc; t++) {
       if ((t0 + t) % SUB == 0)
         *(float4 *)(ck + ((int64_t)((t0 + t) / SUB) * D + d) * N + 4 * j) = make_float4(h[0], h[1], h[2], h[3]);
-      const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = rs_s[t];
+      const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = RESET ? rs_s[t] : 1.0f;
       const float4 bv = load4<IO>(B_r + t * N + 4 * j);
-      h[0] = fmaf(exp2f(dt * a2[0]), h[0] * keep, du * bv.x);
-      h[1] = fmaf(exp2f(dt * a2[1]), h[1] * keep, du * bv.y);
-      h[2] = fmaf(exp2f(dt * a2[2]), h[2] * keep, du * bv.z);
-      h[3] = fmaf(exp2f(dt * a2[3]), h[3] * keep, du * bv.w);
+      h[0] = fmaf(ex2_ftz(dt * a2[0]), h[0] * keep, du * bv.x);
+      h[1] = fmaf(ex2_ftz(dt * a2[1]), h[1] * keep, du * bv.y);
+      h[2] = fmaf(ex2_ftz(dt * a2[2]), h[2] * keep, du * bv.z);
+      h[3] = fmaf(ex2_ftz(dt * a2[3]), h[3] * keep, du * bv.w);
     }
     __syncthreads();
     issue(k + 2, k, false);
@@ -741,7 +763,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     /* one SUB-step piece; FULL pieces compile to straight-line code */
     auto piece = [&](auto full_tag, int s0, int sc) {
       constexpr bool FULL = decltype(full_tag)::value;
-      float hist[SUB][4], av[SUB][4], hin[4]; /* h_t and exp(Δ_t A) of the piece */
+      float hist[SUB][4], hin[4]; /* h_t of the piece */
       const float4 hv = *(const float4 *)(ck + ((int64_t)((t0 + s0) / SUB) * D + d) * N + 4 * j);
       hin[0] = hv.x; hin[1] = hv.y; hin[2] = hv.z; hin[3] = hv.w;
 #pragma unroll
@@ -750,15 +772,13 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
       for (int t = 0; t < SUB; t++) {
         if (FULL || t < sc) {
           const int i = (s0 + t) * CH + c;
-          const float dt = dt_s[i], du = dt * IO::load(u_r[i]), keep = rs_s[s0 + t];
+          const float dt = dt_s[i], du = dt * IO::load(u_r[i]), keep = RESET ? rs_s[s0 + t] : 1.0f;
           const float4 bv = load4<IO>(B_r + (s0 + t) * N + 4 * j);
           const float4 cv = load4<IO>(C_r + (s0 + t) * N + 4 * j);
-#pragma unroll
-          for (int k2 = 0; k2 < 4; k2++) av[t][k2] = exp2f(dt * a2[k2]);
-          h[0] = fmaf(av[t][0], h[0] * keep, du * bv.x);
-          h[1] = fmaf(av[t][1], h[1] * keep, du * bv.y);
-          h[2] = fmaf(av[t][2], h[2] * keep, du * bv.z);
-          h[3] = fmaf(av[t][3], h[3] * keep, du * bv.w);
+          h[0] = fmaf(ex2_ftz(dt * a2[0]), h[0] * keep, du * bv.x);
+          h[1] = fmaf(ex2_ftz(dt * a2[1]), h[1] * keep, du * bv.y);
+          h[2] = fmaf(ex2_ftz(dt * a2[2]), h[2] * keep, du * bv.z);
+          h[3] = fmaf(ex2_ftz(dt * a2[3]), h[3] * keep, du * bv.w);
 #pragma unroll
           for (int k2 = 0; k2 < 4; k2++) hist[t][k2] = h[k2];
           if (z) {
@@ -773,7 +793,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
       for (int t = SUB - 1; t >= 0; t--) {
         if (FULL || t < sc) {
           const int tt = s0 + t, i = tt * CH + c;
-          const float dt = dt_s[i], uu = IO::load(u_r[i]), gy = dy_s[i], keep = rs_s[tt];
+          const float dt = dt_s[i], uu = IO::load(u_r[i]), gy = dy_s[i], keep = RESET ? rs_s[tt] : 1.0f;
           const float4 bv = load4<IO>(B_r + tt * N + 4 * j);
           const float4 cv = load4<IO>(C_r + tt * N + 4 * j);
           const float bb[4] = {bv.x, bv.y, bv.z, bv.w}, cc[4] = {cv.x, cv.y, cv.z, cv.w};
@@ -781,7 +801,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
 #pragma unroll
           for (int k2 = 0; k2 < 4; k2++) {
             const float hprev = (t > 0 ? hist[t > 0 ? t - 1 : 0][k2] : hin[k2]) * keep;
-            const float a = av[t][k2];
+            const float a = ex2_ftz(dt * a2[k2]);
             const float g_h = fmaf(cc[k2], gy, dh[k2]);
             const float gha = g_h * a * hprev;
             dA[k2] = fmaf(dt, gha, dA[k2]);
@@ -1000,26 +1020,50 @@ static int forward16_ok(const mx_scan_args *a) {
          aligned16_ptr(a->Cm);
 }
 
-#define F16_TC 32
+/* Chunk length by lanes per channel: the stage holds TC x (128 / LPC)
+ * channels, so fewer lanes per channel take shorter chunks. */
+static constexpr int f16_tc(int lpc) { return lpc == 4 ? 32 : lpc == 2 ? 16 : 8; }
 
-template <class IO>
-static int forward16_io(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
+template <class IO, int LPC, bool RESET>
+static int forward16_launch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
+  constexpr int TC = f16_tc(LPC), CH = 128 / LPC;
   const size_t es = sizeof(typename IO::T);
-  size_t smem = 2 * (3 * F16_TC * F16_CH + 2 * F16_TC * 16) * es +
-                sizeof(float) * (2 * F16_TC * F16_CH + F16_TC);
-  auto kern = scan_forward16_kernel<IO, F16_TC>;
+  size_t smem = 2 * (3 * TC * CH + 2 * TC * 16) * es + sizeof(float) * (2 * TC * CH + TC);
+  auto kern = scan_forward16_kernel<IO, TC, LPC, RESET>;
   int rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                      (int)smem));
   if (rc != MX_OK) return rc;
-  dim3 grid((unsigned)(p.D / F16_CH), (unsigned)p.B);
-  kern<<<grid, F16_CH * 4, smem, d->stream>>>(p);
+  dim3 grid((unsigned)(p.D / CH), (unsigned)p.B);
+  kern<<<grid, 128, smem, d->stream>>>(p);
   return MX_CUDA_CALL(d, err, cudaGetLastError());
 }
 
+template <class IO>
+static int forward16_io(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
+  const bool r = p.reset != NULL;
+  switch (p.LPC) {
+    case 1: return r ? forward16_launch<IO, 1, true>(p, d, err) : forward16_launch<IO, 1, false>(p, d, err);
+    case 2: return r ? forward16_launch<IO, 2, true>(p, d, err) : forward16_launch<IO, 2, false>(p, d, err);
+    default: return r ? forward16_launch<IO, 4, true>(p, d, err) : forward16_launch<IO, 4, false>(p, d, err);
+  }
+}
+
+/* Lanes per channel for the fast forward: 4 for small batches (more
+ * threads for the latency-bound case), fewer as the batch grows (less
+ * per-state overhead for the throughput-bound case). MAMBEX_SCAN_LPC
+ * overrides it (for benchmarks). */
+static int forward16_lpc(const scan_params &p) {
+  const char *o = getenv("MAMBEX_SCAN_LPC");
+  int lpc = (int64_t)p.B * p.D >= 16384 ? 2 : 4;
+  if (o && (atoi(o) == 1 || atoi(o) == 2 || atoi(o) == 4)) lpc = atoi(o);
+  while (lpc < 4 && (p.D / p.G) % (128 / lpc) != 0) lpc *= 2;
+  return lpc;
+}
+
 static int launch_forward16(scan_params &p, int io, mx_cuda_dev *d, mx_err *err) {
-  p.CH = F16_CH;
-  p.LPC = 4;
-  p.TC = F16_TC;
+  p.LPC = forward16_lpc(p);
+  p.CH = 128 / p.LPC;
+  p.TC = f16_tc(p.LPC);
   switch (io) {
     case MX_F32: return forward16_io<mx_t_f32>(p, d, err);
     case MX_BF16: return forward16_io<mx_t_bf16>(p, d, err);
@@ -1098,7 +1142,7 @@ static int backward_io(const scan_params &p, const mx_scan_grads *gr, int npt, d
                        size_t smem, mx_cuda_dev *d, mx_err *err) {
   int rc;
   if (npt == 16) {
-    auto kern = scan_backward16_kernel<IO>;
+    auto kern = p.reset ? scan_backward16_kernel<IO, true> : scan_backward16_kernel<IO, false>;
     rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    (int)smem));
     if (rc != MX_OK) return rc;
