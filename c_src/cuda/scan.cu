@@ -1054,7 +1054,7 @@ static int forward16_io(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
  * overrides it (for benchmarks). */
 static int forward16_lpc(const scan_params &p) {
   const char *o = getenv("MAMBEX_SCAN_LPC");
-  int lpc = (int64_t)p.B * p.D >= 16384 ? 2 : 4;
+  int lpc = (int64_t)p.B * p.D >= 32768 ? 2 : 4; /* measured: bench/results/scan_lpc_sweep.txt */
   if (o && (atoi(o) == 1 || atoi(o) == 2 || atoi(o) == 4)) lpc = atoi(o);
   while (lpc < 4 && (p.D / p.G) % (128 / lpc) != 0) lpc *= 2;
   return lpc;
