@@ -935,13 +935,22 @@ __global__ void scan_reduce_bc_kernel(const float *part, void *out, int B, int L
   }
 }
 
-/* out[i] = Σ_b part[b, i] for i < M (dA, dD, dbias). */
+/* out[i] = Σ_b part[b, i] for i < M (dA, dD, dbias). Block (32, 8): 32
+ * consecutive outputs (coalesced loads) times 8 slices of the batch, each
+ * slice summing b = y, y + 8, ... in order; the 8 slice sums are then added
+ * in slice order: a fixed order, whatever the launch. */
 __global__ void scan_reduce_batch_kernel(const float *part, float *out, int B, int64_t M) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < M;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    float s = 0.0f;
-    for (int b = 0; b < B; b++) s += part[(int64_t)b * M + i];
-    out[i] = s;
+  __shared__ float acc_s[8][33];
+  const int64_t i = blockIdx.x * (int64_t)32 + threadIdx.x;
+  float s = 0.0f;
+  if (i < M)
+    for (int b = threadIdx.y; b < B; b += 8) s += part[(int64_t)b * M + i];
+  acc_s[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && i < M) {
+    float t = acc_s[0][threadIdx.x];
+    for (int y = 1; y < 8; y++) t += acc_s[y][threadIdx.x];
+    out[i] = t;
   }
 }
 
@@ -1204,17 +1213,17 @@ static int backward_reductions(const scan_params &p, const mx_scan_grads *gr, mx
   }
   if (gr->dA) {
     int64_t M = (int64_t)p.D * p.N;
-    scan_reduce_batch_kernel<<<mx_cuda_grid(d, (uint64_t)M), MX_BLOCK, 0, d->stream>>>(
+    scan_reduce_batch_kernel<<<(unsigned)((M + 31) / 32), dim3(32, 8), 0, d->stream>>>(
         p.dA_part, (float *)gr->dA, p.B, M);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_batch_kernel");
   }
   if (gr->dD) {
-    scan_reduce_batch_kernel<<<mx_cuda_grid(d, (uint64_t)p.D), MX_BLOCK, 0, d->stream>>>(
+    scan_reduce_batch_kernel<<<(unsigned)((p.D + 31) / 32), dim3(32, 8), 0, d->stream>>>(
         p.dD_part, (float *)gr->dD, p.B, p.D);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_batch_kernel");
   }
   if (gr->ddelta_bias) {
-    scan_reduce_batch_kernel<<<mx_cuda_grid(d, (uint64_t)p.D), MX_BLOCK, 0, d->stream>>>(
+    scan_reduce_batch_kernel<<<(unsigned)((p.D + 31) / 32), dim3(32, 8), 0, d->stream>>>(
         p.ddb_part, (float *)gr->ddelta_bias, p.B, p.D);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_batch_kernel");
   }
