@@ -100,7 +100,7 @@ static __device__ __forceinline__ unsigned warp_mask(void) {
  * coalesced. shared: u_s, dt_s (TC, CH); ys_s (TC, CH, LPC); B_s, C_s (TC, N);
  * rs_s (TC). PRE = per-thread prefetch slots = ceil(TC * CH / threads). */
 template <class IO, int NPT, int LPC, int TC, int PRE>
-__global__ void __launch_bounds__(256, (NPT >= 16 ? 2 : 1)) scan_forward_kernel(scan_params p) {
+__global__ void __launch_bounds__(256) scan_forward_kernel(scan_params p) {
   typedef typename IO::T T;
   extern __shared__ float smem[];
   const int CH = p.CH, N = p.N, D = p.D, L = p.L;
@@ -282,6 +282,39 @@ static __device__ __forceinline__ float sigmoid_fast(float x) {
   return __fdividef(1.0f, 1.0f + __expf(-x));
 }
 
+/* The per-(t, d) terms of the backward: Δ and dΔ/dδ from the biased delta,
+ * and dL/dy from dL/dout and z (silu gate); FAST picks the approximations
+ * of the fast kernels. */
+template <bool FAST>
+static __device__ __forceinline__ void delta_terms(float dl, int softplus, float *dt, float *fac) {
+  if (softplus) {
+    *dt = FAST ? softplus_fast(dl) : softplus_f(dl);
+    *fac = dl > 20.0f ? 1.0f : (FAST ? sigmoid_fast(dl) : sigmoid_f(dl));
+  } else {
+    *dt = dl;
+    *fac = 1.0f;
+  }
+}
+
+template <bool FAST>
+static __device__ __forceinline__ float dy_term(float go, float zz, bool has_z) {
+  if (!has_z) return go;
+  return go * zz * (FAST ? sigmoid_fast(zz) : sigmoid_f(zz));
+}
+
+/* Start cp.async copies of `rows` rows of ROW_BYTES (a multiple of 16) from
+ * `src`, rows `stride` bytes apart, into `dst` packed, spread over the block. */
+template <int ROW_BYTES>
+static __device__ __forceinline__ void stage_rows(void *dst, const void *src, int64_t stride,
+                                                  int rows) {
+  constexpr int R = ROW_BYTES / 16;
+  for (int i = threadIdx.x; i < rows * R; i += blockDim.x) {
+    const int r = i / R, q = i % R;
+    __pipeline_memcpy_async((char *)dst + (size_t)r * ROW_BYTES + q * 16,
+                            (const char *)src + r * stride + q * 16, 16);
+  }
+}
+
 /* exp2 on the special-function unit, denormal results flushed to zero. */
 static __device__ __forceinline__ float ex2_ftz(float x) {
   float y;
@@ -323,23 +356,13 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
     if (k < nchunks) {
       const int t0 = k * TC, tc = min(TC, L - t0);
       T *st = (T *)fsm + (k & 1) * stage_elems;
-      const int R = CH * (int)es / 16;  /* 16-byte pieces per (t) row */
-      const int RB = N * (int)es / 16;
-      for (int i = threadIdx.x; i < tc * R; i += blockDim.x) {
-        int t = i / R, q = i % R;
-        int64_t gi = ((int64_t)b * L + t0 + t) * D + d0;
-        size_t off = (size_t)t * CH * es + (size_t)q * 16;
-        __pipeline_memcpy_async((char *)st + off, (const char *)(u + gi) + q * 16, 16);
-        __pipeline_memcpy_async((char *)(st + TC * CH) + off, (const char *)(delta + gi) + q * 16, 16);
-        if (z) __pipeline_memcpy_async((char *)(st + 2 * TC * CH) + off, (const char *)(z + gi) + q * 16, 16);
-      }
-      for (int i = threadIdx.x; i < tc * RB; i += blockDim.x) {
-        int t = i / RB, q = i % RB;
-        int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N;
-        size_t off = (size_t)t * N * es + (size_t)q * 16;
-        __pipeline_memcpy_async((char *)(st + 3 * TC * CH) + off, (const char *)(Bm + gi) + q * 16, 16);
-        __pipeline_memcpy_async((char *)(st + 3 * TC * CH + TC * N) + off, (const char *)(Cm + gi) + q * 16, 16);
-      }
+      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
+      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
+      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
+      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
+      if (z) stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, z + row, rs, tc);
+      stage_rows<N * sizeof(T)>(st + 3 * TC * CH, Bm + brow, bs, tc);
+      stage_rows<N * sizeof(T)>(st + 3 * TC * CH + TC * N, Cm + brow, bs, tc);
     }
     __pipeline_commit(); /* an empty group past the end keeps the counting simple */
   };
@@ -468,20 +491,10 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
       int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
       float dl = IO::load(delta[gi]) + (p.dbias ? p.dbias[d0 + cc] : 0.0f);
       u_s[i] = IO::load(u[gi]);
-      if (p.softplus) {
-        dt_s[i] = softplus_f(dl);
-        fac_s[i] = dl > 20.0f ? 1.0f : sigmoid_f(dl);
-      } else {
-        dt_s[i] = dl;
-        fac_s[i] = 1.0f;
-      }
+      delta_terms<false>(dl, p.softplus, &dt_s[i], &fac_s[i]);
       if (full) {
-        float go = IO::load(dout[gi]);
-        if (z) {
-          float zz = IO::load(z[gi]);
-          go *= zz * sigmoid_f(zz);
-        }
-        dy_s[i] = go;
+        float zz = z ? IO::load(z[gi]) : 0.0f;
+        dy_s[i] = dy_term<false>(IO::load(dout[gi]), zz, z != NULL);
       }
     }
     for (int i = threadIdx.x; i < tc * N; i += blockDim.x) {
@@ -690,26 +703,16 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     if (k >= 0 && k < nchunks) {
       const int t0 = k * TS, tc = min(TS, L - t0);
       T *st = (T *)bsm + (m & 1) * stage_elems;
-      const int R = CH * (int)es / 16, RB = N * (int)es / 16;
-      for (int i = threadIdx.x; i < tc * R; i += blockDim.x) {
-        int t = i / R, q = i % R;
-        int64_t gi = ((int64_t)b * L + t0 + t) * D + d0;
-        size_t off = (size_t)t * CH * es + (size_t)q * 16;
-        __pipeline_memcpy_async((char *)st + off, (const char *)(u + gi) + q * 16, 16);
-        __pipeline_memcpy_async((char *)(st + TS * CH) + off, (const char *)(delta + gi) + q * 16, 16);
-        if (full) {
-          __pipeline_memcpy_async((char *)(st + 2 * TS * CH) + off, (const char *)(dout + gi) + q * 16, 16);
-          if (z) __pipeline_memcpy_async((char *)(st + 3 * TS * CH) + off, (const char *)(z + gi) + q * 16, 16);
-        }
+      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
+      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
+      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
+      stage_rows<CH * sizeof(T)>(st + TS * CH, delta + row, rs, tc);
+      if (full) {
+        stage_rows<CH * sizeof(T)>(st + 2 * TS * CH, dout + row, rs, tc);
+        if (z) stage_rows<CH * sizeof(T)>(st + 3 * TS * CH, z + row, rs, tc);
       }
-      for (int i = threadIdx.x; i < tc * RB; i += blockDim.x) {
-        int t = i / RB, q = i % RB;
-        int64_t gi = (((int64_t)b * L + t0 + t) * p.G + g) * N;
-        size_t off = (size_t)t * N * es + (size_t)q * 16;
-        __pipeline_memcpy_async((char *)(st + 4 * TS * CH) + off, (const char *)(Bm + gi) + q * 16, 16);
-        if (full)
-          __pipeline_memcpy_async((char *)(st + 4 * TS * CH + TS * N) + off, (const char *)(Cm + gi) + q * 16, 16);
-      }
+      stage_rows<N * sizeof(T)>(st + 4 * TS * CH, Bm + brow, bs, tc);
+      if (full) stage_rows<N * sizeof(T)>(st + 4 * TS * CH + TS * N, Cm + brow, bs, tc);
     }
     __pipeline_commit();
   };
@@ -717,21 +720,10 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   auto convert = [&](const T *st, int t0, int tc, bool full) {
     const T *dl_r = st + TS * CH, *go_r = st + 2 * TS * CH, *z_r = st + 3 * TS * CH;
     for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
-      float dl = IO::load(dl_r[i]) + my_bias;
-      if (p.softplus) {
-        dt_s[i] = softplus_fast(dl);
-        fac_s[i] = dl > 20.0f ? 1.0f : sigmoid_fast(dl);
-      } else {
-        dt_s[i] = dl;
-        fac_s[i] = 1.0f;
-      }
+      delta_terms<true>(IO::load(dl_r[i]) + my_bias, p.softplus, &dt_s[i], &fac_s[i]);
       if (full) {
-        float go = IO::load(go_r[i]);
-        if (z) {
-          float zz = IO::load(z_r[i]);
-          go *= zz * sigmoid_fast(zz);
-        }
-        dy_s[i] = go;
+        float zz = z ? IO::load(z_r[i]) : 0.0f;
+        dy_s[i] = dy_term<true>(IO::load(go_r[i]), zz, z != NULL);
       }
     }
     if (RESET)
@@ -1005,10 +997,6 @@ static void launch_forward(const scan_params &p, dim3 grid, size_t smem, cudaStr
 
 template <class IO>
 static void forward_io(const scan_params &p, int npt, dim3 grid, size_t smem, cudaStream_t s) {
-  if (npt == 16) {
-    launch_forward<IO, 16, 1>(p, grid, smem, s);
-    return;
-  }
   if (npt == 4) {
     switch (p.LPC) {
       case 1: launch_forward<IO, 4, 1>(p, grid, smem, s); return;
@@ -1041,13 +1029,10 @@ static void fill_common(scan_params *p, const mx_scan_args *a) {
   p->reset = a->reset;
 }
 
-/* Forward lanes: for N = 16 and enough batch, one lane per channel owning all
- * 16 states (no cross-lane sums, the most work per thread); otherwise
- * NPT = 4 (8 above N = 128) states per lane and LPC lanes per channel. */
-static void pick_forward_lanes(int B, int D, int N, int sm_count, int *npt, int *lpc) {
-  (void)B;
-  (void)D;
-  (void)sm_count;
+/* Generic forward lanes: NPT = 4 (8 above N = 128) states per lane and LPC
+ * lanes per channel, at least 16 lanes when NPT is 8 (the N = 16 shapes the
+ * fast kernel cannot take land here too). */
+static void pick_forward_lanes(int N, int *npt, int *lpc) {
   pick_lanes(N, npt, lpc);
   if (*npt == 8 && *lpc < 16) *lpc = 16;
 }
@@ -1131,7 +1116,7 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
     return rc;
   }
   int npt;
-  pick_forward_lanes(p.B, p.D, p.N, d->sm_count, &npt, &p.LPC);
+  pick_forward_lanes(p.N, &npt, &p.LPC);
   p.CH = pick_ch(p.B, p.D, p.G, p.LPC, d->sm_count);
   p.TC = fwd_tc(npt);
   size_t TC = (size_t)p.TC;
