@@ -715,19 +715,28 @@ defmodule Mambex.ScanTest do
     full = nif_args(ts, d_out, d_fin)
     bogus = %Tensor{ref: make_ref(), shape: {2, 5, 8}, type: {:f, 32}, device: :cpu}
 
-    for {arity, fun} <- [
-          {11, &apply(Mambex.NIF, :scan_forward, &1)},
-          {13, &apply(Mambex.NIF, :scan_backward, &1)}
+    fwd_args = Enum.take(full, 11) ++ [true]
+    bwd_args = full ++ [nil]
+
+    for {args0, fun} <- [
+          {fwd_args, &apply(Mambex.NIF, :scan_forward, &1)},
+          {bwd_args, &apply(Mambex.NIF, :scan_backward, &1)}
         ],
-        pos <- 0..(arity - 1),
+        pos <- 0..(length(args0) - 1),
         junk <- [bogus, self() | @garbage] do
-      args = full |> Enum.take(arity) |> List.replace_at(pos, junk)
+      args = List.replace_at(args0, pos, junk)
       assert_raise ArgumentError, fn -> fun.(args) end
     end
 
+    # a checkpoint tensor that is not this call's is refused
+    wrong = Tensor.fill({7}, 0.0)
+    assert_raise ArgumentError, ~r/checkpoints do not belong/, fn ->
+      apply(Mambex.NIF, :scan_backward, full ++ [wrong])
+    end
+
     # and the valid calls still work afterwards
-    assert {%Tensor{}, %Tensor{}} = apply(Mambex.NIF, :scan_forward, Enum.take(full, 11))
-    assert %{u: %Tensor{}} = apply(Mambex.NIF, :scan_backward, full)
+    assert {%Tensor{}, %Tensor{}, _checkpoints} = apply(Mambex.NIF, :scan_forward, fwd_args)
+    assert %{u: %Tensor{}} = apply(Mambex.NIF, :scan_backward, bwd_args)
   end
 
   test "gradients come back for the given inputs only, in their shapes" do
@@ -748,6 +757,43 @@ defmodule Mambex.ScanTest do
     @describetag :cuda
 
     defp cuda, do: Mambex.TestHelpers.cuda_device()
+
+    test "forward checkpoints give the gradients of re-running the forward, bit for bit" do
+      dev = cuda()
+
+      for {b, l, with_reset} <- [{3, 61, false}, {2, 40, true}] do
+        d = 64
+        n = 16
+        r = fn shape, seed, opts -> Tensor.random_normal(shape, [seed: seed, device: dev] ++ opts) end
+        u = r.({b, l, d}, 1, [])
+        delta = r.({b, l, d}, 2, std: 0.5)
+        a = Tensor.random_uniform({d, n}, seed: 3, device: dev, min: -2.0, max: -0.1)
+        bm = r.({b, l, n}, 4, [])
+        cm = r.({b, l, n}, 5, [])
+        z = r.({b, l, d}, 6, [])
+        d_out = r.({b, l, d}, 7, [])
+
+        reset =
+          if with_reset,
+            do: Tensor.from_binary(for(i <- 1..(b * l), into: <<>>, do: <<if(rem(i, 13) == 0, do: 1, else: 0)>>), {:u, 8}, shape: {b, l}, device: dev),
+            else: nil
+
+        opts = [z: z, d: r.({d}, 8, []), delta_bias: r.({d}, 9, []), initial_state: r.({b, d, n}, 10, [])]
+        opts = if reset, do: [{:reset, reset} | opts], else: opts
+        {out1, fin1, ctx1} = Scan.forward(u, delta, a, bm, cm, [checkpoints: true] ++ opts)
+        {out2, fin2, ctx2} = Scan.forward(u, delta, a, bm, cm, [checkpoints: false] ++ opts)
+        assert %Tensor{} = ctx1.checkpoints
+        assert ctx2.checkpoints == nil
+        assert Tensor.to_binary(out1) == Tensor.to_binary(out2)
+        assert Tensor.to_binary(fin1) == Tensor.to_binary(fin2)
+        g1 = Scan.backward(ctx1, d_out)
+        g2 = Scan.backward(ctx2, d_out)
+
+        for k <- Map.keys(g2) do
+          assert Tensor.to_binary(g1[k]) == Tensor.to_binary(g2[k]), "gradient #{k} differs"
+        end
+      end
+    end
 
     for {name, dims, opts} <- @cases do
       test "f32 io on {:cuda, 0} against the reference: #{name}" do

@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define MX_BACKEND_ABI 3
+#define MX_BACKEND_ABI 4
 #define MX_MAX_RANK 8
 #define MX_MAX_CUDA_DEVICES 16
 #define MX_ERR_LEN 256
@@ -124,6 +124,10 @@ typedef struct {
   const void *delta_bias; /* (D) param, or NULL */
   const void *h0;         /* (B, D, N) param, or NULL: the state entering t = 0 */
   const uint8_t *reset;   /* (B, L) u8, or NULL: 1 zeroes the state entering t */
+  /* Checkpoints: scan_ckpt_elems(a) param elements of states in the
+   * backend's own layout. A forward given them writes them; a backward given
+   * them reads them instead of re-running the forward. NULL: none. */
+  void *ckpt;
 } mx_scan_args;
 
 /* Gradient outputs; NULL for each one not wanted (the core passes NULL for
@@ -207,6 +211,9 @@ typedef struct mx_backend {
   int (*scan_forward)(int dev, const mx_scan_args *a, void *out, void *h_last, mx_err *err);
   int (*scan_backward)(int dev, const mx_scan_args *a, const void *d_out, const void *dh_last,
                        const mx_scan_grads *g, mx_err *err);
+  /* Elements of the checkpoint buffer for these arguments; 0 (or a NULL
+   * entry) when the backend takes none. */
+  int64_t (*scan_ckpt_elems)(int dev, const mx_scan_args *a);
 } mx_backend;
 
 /* The one symbol the CUDA shared object exports. NULL on ABI mismatch. */

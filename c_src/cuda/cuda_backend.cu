@@ -33,6 +33,7 @@ static const mx_backend mx_cuda_table = {
     .spin = mx_cuda_spin,
     .scan_forward = mx_cuda_scan_forward,
     .scan_backward = mx_cuda_scan_backward,
+    .scan_ckpt_elems = mx_cuda_scan_ckpt_elems,
 };
 
 extern "C" __attribute__((visibility("default"))) const mx_backend *mx_cuda_backend_get(int abi) {

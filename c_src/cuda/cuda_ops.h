@@ -62,6 +62,7 @@ MX_CUDA_HIDDEN int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *ou
                                         mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
                                          const void *dh_last, const mx_scan_grads *g, mx_err *err);
+MX_CUDA_HIDDEN int64_t mx_cuda_scan_ckpt_elems(int dev, const mx_scan_args *a);
 
 #ifdef __cplusplus
 }

@@ -63,6 +63,7 @@ typedef struct {
   const void *dout;
   const float *dh_last;
   float *ck;              /* (B, nchunks, D, N) state at each chunk start */
+  int ck_given;           /* backward16: ck came from the forward (skip pass 1) */
   void *du, *ddelta, *dz;
   float *dA_part;         /* (B, D, N) */
   float *dD_part, *ddb_part; /* (B, D) */
@@ -302,6 +303,10 @@ static __device__ __forceinline__ float dy_term(float go, float zz, bool has_z) 
   return go * zz * (FAST ? sigmoid_fast(zz) : sigmoid_f(zz));
 }
 
+/* Steps between checkpoints of the N = 16 kernels (the forward writes them
+ * when asked; the backward's pieces are this long). */
+#define B16_SUB 8
+
 /* Start cp.async copies of `rows` rows of ROW_BYTES (a multiple of 16) from
  * `src`, rows `stride` bytes apart, into `dst` packed, spread over the block. */
 template <int ROW_BYTES>
@@ -345,7 +350,7 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
   const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
   const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm;
   T *out = (T *)p.out;
-  const int nchunks = (L + TC - 1) / TC;
+  const int nchunks = (L + TC - 1) / TC, nsub = (L + B16_SUB - 1) / B16_SUB;
   /* the phase loops below stride by 128, a multiple of CH: each thread
    * always sees channel d0 + threadIdx.x % CH there */
   const float my_bias = p.dbias ? p.dbias[d0 + threadIdx.x % CH] : 0.0f;
@@ -394,6 +399,12 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
     __syncthreads();
 
     auto step = [&](int t) {
+      if (p.ck && (t0 + t) % B16_SUB == 0) { /* the state entering t, for the backward */
+        float *dst = p.ck + (((int64_t)b * nsub + (t0 + t) / B16_SUB) * D + d) * N + NPT * j;
+#pragma unroll
+        for (int q = 0; q < NPT / 4; q++)
+          ((float4 *)dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+      }
       const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]);
       float bb[NPT], cc[NPT];
 #pragma unroll
@@ -668,7 +679,6 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
  *         red_s (TS, 4, 32). */
 #define LN2 0.6931471805599453f
 #define B16_TS 16
-#define B16_SUB 8
 
 template <class IO, bool RESET>
 __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
@@ -739,7 +749,8 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   }
   const float Dd = p.Dskip ? p.Dskip[d] : 0.0f;
 
-  /* pass 1: checkpoints every SUB steps */
+  /* pass 1: checkpoints every SUB steps (unless the forward saved them) */
+  if (!p.ck_given) {
   issue(0, 0, false);
   issue(1, 1, false);
   for (int k = 0; k < nchunks; k++) {
@@ -765,6 +776,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   }
   __pipeline_wait_prior(0);
   __syncthreads();
+  }
 
   /* pass 2: reverse */
   float dh[4], dA[4];
@@ -1111,6 +1123,7 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
   rc = mx_cuda_begin(dev, err, &d);
   if (rc != MX_OK) return rc;
   if (forward16_ok(a)) {
+    p.ck = (float *)a->ckpt;
     rc = launch_forward16(p, a->io, d, err);
     mx_cuda_unlock(d);
     return rc;
@@ -1253,7 +1266,8 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   int nblk = p.D / p.CH, nchunks = npt == 16 ? nsub : (p.L + BWD_TC - 1) / BWD_TC;
 
   /* scratch: checkpoints and partial sums, one allocation */
-  size_t n_ck = (size_t)p.B * nchunks * p.D * p.N;
+  const int ck_given = npt == 16 && a->ckpt != NULL;
+  size_t n_ck = ck_given ? 0 : (size_t)p.B * nchunks * p.D * p.N;
   size_t n_bd = (size_t)p.B * p.D, n_bdn = n_bd * p.N, n_bc = (size_t)p.B * nblk * p.L * p.N;
   size_t total = n_ck + n_bdn + 2 * n_bd + 2 * n_bc;
   float *scratch = NULL;
@@ -1262,8 +1276,9 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
     mx_cuda_unlock(d);
     return rc;
   }
-  p.ck = scratch;
-  p.dA_part = p.ck + n_ck;
+  p.ck = ck_given ? (float *)a->ckpt : scratch;
+  p.ck_given = ck_given;
+  p.dA_part = scratch + n_ck;
   p.dD_part = p.dA_part + n_bdn;
   p.ddb_part = p.dD_part + n_bd;
   p.dB_part = p.ddb_part + n_bd;
@@ -1277,4 +1292,11 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   cudaFreeAsync(scratch, d->stream); /* stream-ordered after the launches */
   mx_cuda_unlock(d);
   return rc;
+}
+
+int64_t mx_cuda_scan_ckpt_elems(int dev, const mx_scan_args *a) {
+  (void)dev;
+  mx_err err;
+  if (scan_validate(a, &err) != MX_OK || !forward16_ok(a)) return 0;
+  return a->batch * ((a->len + B16_SUB - 1) / B16_SUB) * a->dim * a->dstate;
 }

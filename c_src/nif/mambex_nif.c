@@ -1146,8 +1146,8 @@ static ErlNifFunc nif_funcs[] = {
     {"event_record", 1, nif_event_record, 0},
     {"event_elapsed", 2, nif_event_elapsed, 0},
     {"spin", 2, nif_spin, 0},
-    {"scan_forward", 11, nif_scan_forward, 0},
-    {"scan_backward", 13, nif_scan_backward, 0},
+    {"scan_forward", 12, nif_scan_forward, 0},
+    {"scan_backward", 14, nif_scan_backward, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

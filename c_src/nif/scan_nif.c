@@ -2,11 +2,17 @@
  * scan_nif.c: the selective scan NIFs (Mambex.Scan).
  *
  *   scan_forward(u, delta, a, b, c, d | nil, z | nil, delta_bias | nil,
- *                softplus, initial_state | nil, reset | nil)
- *     -> {out, final_state}
- *   scan_backward(<the same 11>, d_out, d_final_state | nil)
+ *                softplus, initial_state | nil, reset | nil, checkpoints :: boolean)
+ *     -> {out, final_state, checkpoints | nil}
+ *   scan_backward(<the same 11>, d_out, d_final_state | nil, checkpoints | nil)
  *     -> %{u: du, delta: ddelta, a: dA, b: dB, c: dC, [d: dD], [z: dz],
  *          [delta_bias: ddelta_bias], [initial_state: dh0]}
+ *
+ * Checkpoints: when asked and the backend takes them (scan_ckpt_elems > 0),
+ * the forward also returns a param-typed vector of states in the backend's
+ * layout, and the backward given it skips re-running the forward. Its size
+ * is checked against the call; its contents are the caller's (Mambex.Scan
+ * keeps it in the context beside the inputs it came from).
  *
  * Shapes: u, delta, z, d_out (B, L, D); a (D, N) with 1 <= N <= 256; b and c
  * (B, L, N) or (B, L, G, N) (one shape for both, D % G == 0); d and
@@ -266,6 +272,11 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   int ok;
   ERL_NIF_TERM raised = scan_parse(env, OP, argv, S_RESET + 1, c, &ok);
   if (!ok) return raised;
+  const int want_ck = enif_is_identical(argv[11], enif_make_atom(env, "true"));
+  if (!want_ck && !enif_is_identical(argv[11], enif_make_atom(env, "false"))) {
+    scan_release(c);
+    return raise_arg(env, OP, "checkpoints must be true or false, got: %.200T", argv[11]);
+  }
   const mx_backend *be = mx_backend_for(c->slot);
   if (!be->scan_forward) {
     scan_release(c);
@@ -284,8 +295,20 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   mx_err err = {0, {0}};
   const int dev = mx_backend_dev(c->slot);
   int rc = MX_OK;
+  mx_tensor *ck = NULL;
   if (c->B * c->L * c->D > 0) {
     mx_scan_args a = scan_args(c);
+    int64_t ck_elems = want_ck && be->scan_ckpt_elems ? be->scan_ckpt_elems(dev, &a) : 0;
+    if (ck_elems > 0) {
+      ck = scan_output(env, OP, c->slot, c->param, &ck_elems, 1, &raised, &ok);
+      if (!ok) {
+        scan_drop(out);
+        scan_drop(hl);
+        scan_release(c);
+        return raised;
+      }
+      a.ckpt = mx_data(ck->storage, ck);
+    }
     rc = be->scan_forward(dev, &a, mx_data(out->storage, out), mx_data(hl->storage, hl), &err);
   } else if (c->B * c->D * c->N > 0) { /* L = 0: the final state is the initial one */
     void *dst = mx_data(hl->storage, hl);
@@ -297,9 +320,11 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   if (rc != MX_OK) {
     scan_drop(out);
     scan_drop(hl);
+    scan_drop(ck);
     return raise_err(env, OP, &err);
   }
-  return enif_make_tuple2(env, tensor_term(env, out), tensor_term(env, hl));
+  return enif_make_tuple3(env, tensor_term(env, out), tensor_term(env, hl),
+                          ck ? tensor_term(env, ck) : enif_make_atom(env, "nil"));
 }
 #undef OP
 
@@ -343,12 +368,35 @@ ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
   mx_err err = {0, {0}};
   const int dev = mx_backend_dev(c->slot);
   int rc = MX_OK;
+  mx_storage *cks = NULL;
+  if (!enif_is_identical(argv[13], enif_make_atom(env, "nil"))) {
+    mx_scan_args probe = scan_args(c);
+    int64_t want = be->scan_ckpt_elems ? be->scan_ckpt_elems(dev, &probe) : 0;
+    mx_tensor *ckt = NULL;
+    const char *bad = !get_tensor_any(env, argv[13], &ckt) ? "must be a Mambex.Tensor or nil"
+                      : !(cks = mx_tensor_acquire(ckt)) ? "was freed"
+                      : (ckt->slot != c->slot || ckt->dtype != c->param || ckt->rank != 1 ||
+                         ckt->shape[0] != want || want == 0)
+                          ? "do not belong to this call (give the ones its forward returned)"
+                          : NULL;
+    if (bad) {
+      mx_storage_release(cks);
+      for (size_t i = 0; i < N_GRADS; i++) scan_drop(grad[i]);
+      scan_release(c);
+      return raise_arg(env, OP, "checkpoints %s", bad);
+    }
+  }
   if (c->B * c->L * c->D > 0) {
     mx_scan_args a = scan_args(c);
+    a.ckpt = cks ? cks->ptr : NULL;
     mx_scan_grads g = {.du = gp[0], .ddelta = gp[1], .dA = gp[2], .dB = gp[3], .dC = gp[4],
                        .dD = gp[5], .dz = gp[6], .ddelta_bias = gp[7], .dh0 = gp[8]};
     rc = be->scan_backward(dev, &a, scan_ptr(c, S_DOUT), scan_ptr(c, S_DHL), &g, &err);
+    mx_storage_release(cks);
+    cks = NULL;
   } else {
+    mx_storage_release(cks);
+    cks = NULL;
     /* Empty: the sums over batch and time are 0 and, with L = 0, the
      * gradient of the initial state is d_final_state (or 0). */
     const int zero_params[4] = {2, 5, 7, 8};

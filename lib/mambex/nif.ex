@@ -48,10 +48,10 @@ defmodule Mambex.NIF do
   def event_elapsed(_start, _end), do: nif_error()
   def spin(_device, _us), do: nif_error()
 
-  def scan_forward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset),
+  def scan_forward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset, _ckpt),
     do: nif_error()
 
   def scan_backward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset, _d_out,
-        _d_final_state),
+        _d_final_state, _ckpt),
       do: nif_error()
 end

@@ -76,8 +76,10 @@ defmodule Mambex.Scan do
   defmodule Context do
     @moduledoc """
     What `Mambex.Scan.backward/3` needs from a forward call: the input
-    tensors and the options, nothing else (the backward recomputes the
-    states). Keeping a context keeps its input tensors alive.
+    tensors, the options and, where the backend keeps them, `:checkpoints`
+    (the states every few steps, so that the backward need not re-run the
+    forward; on CUDA for N = 16 they take `B·⌈L/8⌉·D·16` floats). Keeping a
+    context keeps these tensors alive.
     """
     @enforce_keys [:u, :delta, :a, :b, :c, :softplus]
     defstruct [
@@ -91,6 +93,7 @@ defmodule Mambex.Scan do
       :delta_bias,
       :initial_state,
       :reset,
+      :checkpoints,
       softplus: true
     ]
 
@@ -105,6 +108,7 @@ defmodule Mambex.Scan do
             delta_bias: Tensor.t() | nil,
             initial_state: Tensor.t() | nil,
             reset: Tensor.t() | nil,
+            checkpoints: Tensor.t() | nil,
             softplus: boolean()
           }
   end
@@ -121,7 +125,7 @@ defmodule Mambex.Scan do
           optional(:initial_state) => Tensor.t()
         }
 
-  @forward_opts [:d, :z, :delta_bias, :initial_state, :reset, softplus: true]
+  @forward_opts [:d, :z, :delta_bias, :initial_state, :reset, softplus: true, checkpoints: true]
 
   @doc """
   Runs the scan. Returns `{out, final_state, context}`.
@@ -138,6 +142,9 @@ defmodule Mambex.Scan do
     * `:softplus` — apply softplus to `delta` (default `true`)
     * `:initial_state` — `{B, D, N}` state entering step 0 (param type; default zeros)
     * `:reset` — `{B, L}` `{:u, 8}`: non-zero zeroes the state entering that step
+    * `:checkpoints` — keep the states every few steps in the context, where
+      the backend uses them, so that `backward/3` skips re-running the
+      forward (default `true`; `false` saves their memory)
 
   `out` is `{B, L, D}` (io type), `final_state` `{B, D, N}` (param type).
   """
@@ -160,7 +167,7 @@ defmodule Mambex.Scan do
       softplus: opts[:softplus]
     }
 
-    {out, final_state} =
+    {out, final_state, checkpoints} =
       Mambex.retry_oom(fn ->
         NIF.scan_forward(
           u,
@@ -173,11 +180,12 @@ defmodule Mambex.Scan do
           ctx.delta_bias,
           ctx.softplus,
           ctx.initial_state,
-          ctx.reset
+          ctx.reset,
+          opts[:checkpoints]
         )
       end)
 
-    {out, final_state, ctx}
+    {out, final_state, %{ctx | checkpoints: checkpoints}}
   end
 
   @doc """
@@ -217,7 +225,8 @@ defmodule Mambex.Scan do
         ctx.initial_state,
         ctx.reset,
         d_out,
-        opts[:d_final_state]
+        opts[:d_final_state],
+        ctx.checkpoints
       )
     end)
   end
