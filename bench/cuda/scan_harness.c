@@ -8,7 +8,10 @@
  *   cc -O2 -std=gnu11 -o /tmp/scan_harness bench/cuda/scan_harness.c -ldl -lm
  *   /tmp/scan_harness priv/mambex_cuda.so [runs] [shape index]
  *
- * Prints: B L D N fwd_us fwdbwd_us (medians over `runs`, default 50).
+ * Prints: B L D N fwd_us fwdbwd_us fwdbwd_nockpt_us (medians over `runs`,
+ * default 50). fwd: inference (no checkpoints); fwdbwd: a training step's
+ * scan (the forward saves checkpoints, the backward reads them);
+ * fwdbwd_nockpt: the backward re-runs the forward instead.
  */
 #include <dlfcn.h>
 #include <stdio.h>
@@ -42,7 +45,8 @@ static int cmp(const void *a, const void *b) {
 
 /* median device time of `runs` calls of fwd (and bwd when `with_bwd`) */
 static double time_scan(mx_scan_args *a, void *out, void *hl, mx_scan_grads *g, void *dout,
-                        int with_bwd, int runs) {
+                        int with_bwd, void *ckpt, int runs) {
+  a->ckpt = ckpt;
   double *t = malloc(sizeof(double) * runs);
   for (int r = -3; r < runs; r++) {
     void *e0, *e1;
@@ -80,7 +84,7 @@ int main(int argc, char **argv) {
   }
   static const int shapes[][2] = {{1, 60}, {32, 60}, {256, 60}, {256, 180}, {64, 1024}, {8, 4096}};
   const int D = 512, N = 16;
-  printf("B L D N fwd_us fwdbwd_us\n");
+  printf("B L D N fwd_us fwdbwd_us fwdbwd_nockpt_us\n");
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     if (only >= 0 && (int)s != only) continue;
     const int B = shapes[s][0], L = shapes[s][1];
@@ -108,9 +112,14 @@ int main(int argc, char **argv) {
     OK(G->alloc(0, (size_t)D * N * 4, &g.dA, &E));
     OK(G->alloc(0, D * 4, &g.dD, &E));
     OK(G->alloc(0, D * 4, &g.ddelta_bias, &E));
-    double f = time_scan(&a, out, hl, &g, dout, 0, runs);
-    double fb = time_scan(&a, out, hl, &g, dout, 1, runs);
-    printf("%d %d %d %d %.2f %.2f\n", B, L, D, N, f, fb);
+    void *ckpt = NULL;
+    int64_t ck_elems = G->scan_ckpt_elems ? G->scan_ckpt_elems(0, &a) : 0;
+    if (ck_elems > 0) OK(G->alloc(0, (size_t)ck_elems * 4, &ckpt, &E));
+    double f = time_scan(&a, out, hl, &g, dout, 0, NULL, runs);
+    double fb = time_scan(&a, out, hl, &g, dout, 1, ckpt, runs);
+    double fbn = time_scan(&a, out, hl, &g, dout, 1, NULL, runs);
+    printf("%d %d %d %d %.2f %.2f %.2f\n", B, L, D, N, f, fb, fbn);
+    if (ckpt) G->free_async(0, ckpt);
     fflush(stdout);
     void *ptrs[] = {(void *)a.u, (void *)a.delta, (void *)a.A, (void *)a.Bm, (void *)a.Cm, (void *)a.z,
                     (void *)a.Dskip, (void *)a.delta_bias, dout, out, hl, g.du, g.ddelta, g.dz,
