@@ -786,6 +786,10 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     dA[k] = 0.0f;
   }
   float dD_acc = 0.0f, ddb_acc = 0.0f;
+  /* pieces run last to first; the checkpoint of the next one is loaded a
+   * piece ahead, so its global latency overlaps the current piece */
+  int next_piece = nsub - 1;
+  float4 ck_next = *(const float4 *)(ck + ((int64_t)next_piece * D + d) * N + 4 * j);
   issue(nchunks - 1, 0, true);
   issue(nchunks - 2, 1, true);
   for (int m = 0; m < nchunks; m++) {
@@ -801,7 +805,12 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     auto piece = [&](auto full_tag, int s0, int sc) {
       constexpr bool FULL = decltype(full_tag)::value;
       float hist[SUB][4], hin[4]; /* h_t of the piece */
-      const float4 hv = *(const float4 *)(ck + ((int64_t)((t0 + s0) / SUB) * D + d) * N + 4 * j);
+      const int pi = (t0 + s0) / SUB;
+      const float4 hv = pi == next_piece ? ck_next
+                                         : *(const float4 *)(ck + ((int64_t)pi * D + d) * N + 4 * j);
+      next_piece = pi - 1;
+      if (next_piece >= 0)
+        ck_next = *(const float4 *)(ck + ((int64_t)next_piece * D + d) * N + 4 * j);
       hin[0] = hv.x; hin[1] = hv.y; hin[2] = hv.z; hin[3] = hv.w;
 #pragma unroll
       for (int k2 = 0; k2 < 4; k2++) h[k2] = hin[k2];
