@@ -320,6 +320,20 @@ static __device__ __forceinline__ void stage_rows(void *dst, const void *src, in
   }
 }
 
+/* Store one (t, d) of the backward's outputs du, dδ and, with z,
+ * dz = dout·y·silu'(z) (y before the gate). */
+template <class IO, bool FAST>
+static __device__ __forceinline__ void store_grads_td(const scan_params &p, int64_t gi, float du,
+                                                      float dd, float yp, float go, float zz) {
+  typedef typename IO::T T;
+  if (p.du) ((T *)p.du)[gi] = IO::store(du);
+  if (p.ddelta) ((T *)p.ddelta)[gi] = IO::store(dd);
+  if (p.dz) {
+    const float sg = FAST ? sigmoid_fast(zz) : sigmoid_f(zz);
+    ((T *)p.dz)[gi] = IO::store(go * yp * sg * (1.0f + zz * (1.0f - sg)));
+  }
+}
+
 /* exp2 on the special-function unit, denormal results flushed to zero. */
 static __device__ __forceinline__ float ex2_ftz(float x) {
   float y;
@@ -629,13 +643,9 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
     for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
       int t = i / CH, cc = i % CH;
       int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
-      if (p.du) ((T *)p.du)[gi] = IO::store(du_s[i]);
-      if (p.ddelta) ((T *)p.ddelta)[gi] = IO::store(dd_s[i]);
-      if (p.dz) {
-        float zz = IO::load(z[gi]), s = sigmoid_f(zz);
-        float go = IO::load(dout[gi]);
-        ((T *)p.dz)[gi] = IO::store(go * yp_s[i] * s * (1.0f + zz * (1.0f - s)));
-      }
+      const bool dz = p.dz != NULL;
+      store_grads_td<IO, false>(p, gi, du_s[i], dd_s[i], yp_s[i], dz ? IO::load(dout[gi]) : 0.0f,
+                                dz ? IO::load(z[gi]) : 0.0f);
     }
     /* dB and dC summed over the block's channels, in channel order */
     for (int i = threadIdx.x; i < 2 * tc * N; i += blockDim.x) {
@@ -895,13 +905,10 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     for (int i = threadIdx.x; i < tc * CH; i += blockDim.x) {
       int t = i / CH, cc = i % CH;
       int64_t gi = ((int64_t)b * L + t0 + t) * D + d0 + cc;
-      if (p.du) ((T *)p.du)[gi] = IO::store(du_s[i]);
-      if (p.ddelta) ((T *)p.ddelta)[gi] = IO::store(dd_s[i]);
-      if (p.dz) {
-        const T *z_r = st + 3 * TS * CH, *go_r = st + 2 * TS * CH;
-        float zz = IO::load(z_r[i]), sg = sigmoid_fast(zz);
-        ((T *)p.dz)[gi] = IO::store(IO::load(go_r[i]) * yp_s[i] * sg * (1.0f + zz * (1.0f - sg)));
-      }
+      const bool dz = p.dz != NULL;
+      const T *z_r = st + 3 * TS * CH, *go_r = st + 2 * TS * CH;
+      store_grads_td<IO, true>(p, gi, du_s[i], dd_s[i], yp_s[i], dz ? IO::load(go_r[i]) : 0.0f,
+                               dz ? IO::load(z_r[i]) : 0.0f);
     }
     for (int i = threadIdx.x; i < tc * 32; i += blockDim.x) {
       int t = i / 32, slot = i % 32;
