@@ -5,14 +5,22 @@
  * (B, L, G, N); A (D, N); D and delta_bias (D); states (B, D, N). io tensors
  * are f32, bf16 or f16; everything is computed and carried in fp32.
  *
- * Work decomposition. One thread block per (batch b, block of CH channels of
- * one group); inside it, LPC consecutive lanes share a channel and each lane
- * owns NPT states (n = lane + k * LPC). The recurrence runs sequentially over
- * time in chunks of TC steps: the block first stages a chunk's inputs in
- * shared memory with coalesced loads (softplus is applied once per (t, d)
- * there), then every lane advances its states through the chunk, and the
- * outputs leave through shared memory with coalesced stores. Sums over
- * states use warp shuffles within the LPC lanes of a channel.
+ * Two sets of kernels:
+ *   - generic (any N <= 256, any G, any alignment): one thread block per
+ *     (batch b, block of CH channels of one group); LPC consecutive lanes
+ *     share a channel, each owning NPT strided states (n = lane + k * LPC).
+ *     Time runs sequentially in chunks of TC steps: the block stages a
+ *     chunk's inputs in shared memory with coalesced loads (softplus once
+ *     per (t, d)), every lane advances its states through the chunk, the
+ *     outputs leave through shared memory with coalesced stores.
+ *   - N = 16 fast path (scan_forward16_kernel, scan_backward16_kernel; used
+ *     when D / G is a multiple of 32 and the io rows are 16-byte aligned):
+ *     blocks of 128 threads, lanes owning contiguous states, inputs
+ *     streamed by cp.async through a two-stage ring two chunks ahead. The
+ *     forward can write the state every B16_SUB steps (checkpoints, kept by
+ *     the caller between forward and backward); the backward then skips its
+ *     own forward pass. See the comments above each kernel.
+ * Sums over states use warp shuffles within the lanes of a channel.
  *
  * Gradient convention (dL/dx written dx). With Δ_t = softplus(δ_t + bias)
  * (or δ_t + bias), a_t = exp(Δ_t A), y_t = Σ_n C_t h_t + D u_t and
@@ -32,9 +40,13 @@
  * (dA, dD, dbias) are written as per-block partials and reduced in a fixed
  * order by a second kernel, so results are bit-identical from run to run.
  *
- * Memory: the backward recomputes the states chunk by chunk from checkpoints
- * (the state at every chunk start), kept in scratch from the stream-ordered
- * pool and freed with cudaFreeAsync after the launches that use it.
+ * Memory and lifetimes: the backward recomputes the states piece by piece
+ * from checkpoints (the state at every piece start), either given by the
+ * caller (args->ckpt, written by the forward) or made by its own first pass
+ * in scratch from the stream-ordered pool; scratch and partial sums are
+ * freed with cudaFreeAsync right after the launches that use them (stream
+ * order makes that safe). Launchers hold the device's enqueue mutex only
+ * while enqueueing and never synchronise.
  */
 #include <math.h>
 #include <stdint.h>
