@@ -450,7 +450,45 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
       for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (j == 0) y_s[t * CH + c] = acc;
     };
-    if (tc == TC) { /* whole chunks run as straight-line code */
+    if (tc == TC && NPT == 4) {
+      /* whole chunks, 4 states a lane (the latency-bound small batches):
+       * per 8 steps, first every exp and B·Δu (independent of the state),
+       * then the 8 dependent updates, so the special-function latency
+       * overlaps instead of sitting on the recurrence */
+#pragma unroll
+      for (int t8 = 0; t8 < TC; t8 += 8) {
+        if (p.ck) { /* t8 is a multiple of B16_SUB */
+          float *dst = p.ck + (((int64_t)b * nsub + (t0 + t8) / B16_SUB) * D + d) * N + NPT * j;
+          *(float4 *)dst = make_float4(h[0], h[1], h[2], h[3]);
+        }
+        float av[8][4], bu[8][4], cw[8][4];
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++) {
+          const int t = t8 + s2;
+          const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]);
+          const float4 bv = load4<IO>(B_r + t * N + 4 * j), cv = load4<IO>(C_r + t * N + 4 * j);
+          av[s2][0] = ex2_ftz(dt * a2[0]);
+          av[s2][1] = ex2_ftz(dt * a2[1]);
+          av[s2][2] = ex2_ftz(dt * a2[2]);
+          av[s2][3] = ex2_ftz(dt * a2[3]);
+          bu[s2][0] = du * bv.x; bu[s2][1] = du * bv.y; bu[s2][2] = du * bv.z; bu[s2][3] = du * bv.w;
+          cw[s2][0] = cv.x; cw[s2][1] = cv.y; cw[s2][2] = cv.z; cw[s2][3] = cv.w;
+        }
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++) {
+          const int t = t8 + s2;
+          float acc = 0.0f;
+#pragma unroll
+          for (int q = 0; q < 4; q++) {
+            h[q] = fmaf(av[s2][q], RESET ? h[q] * rs_s[t] : h[q], bu[s2][q]);
+            acc = fmaf(cw[s2][q], h[q], acc);
+          }
+#pragma unroll
+          for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+          if (j == 0) y_s[t * CH + c] = acc;
+        }
+      }
+    } else if (tc == TC) { /* whole chunks run as straight-line code */
 #pragma unroll
       for (int t = 0; t < TC; t++) step(t);
     } else {
