@@ -740,7 +740,7 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
 #define LN2 0.6931471805599453f
 #define B16_TS 16
 
-template <class IO, bool RESET>
+template <class IO, bool RESET, bool CACHE>
 __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   typedef typename IO::T T;
   const int CH = F16_CH, N = 16, TS = B16_TS, SUB = B16_SUB;
@@ -865,6 +865,16 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     auto piece = [&](auto full_tag, int s0, int sc) {
       constexpr bool FULL = decltype(full_tag)::value;
       float hist[SUB][4], hin[4]; /* h_t of the piece */
+      float av[CACHE ? SUB : 1][4];  /* CACHE: exp(Δ_t A) of the piece, computed first */
+      if (CACHE) {
+#pragma unroll
+        for (int t = 0; t < SUB; t++)
+          if (FULL || t < sc) {
+            const float dt = dt_s[(s0 + t) * CH + c];
+#pragma unroll
+            for (int k2 = 0; k2 < 4; k2++) av[CACHE ? t : 0][k2] = ex2_ftz(dt * a2[k2]);
+          }
+      }
       const int pi = (t0 + s0) / SUB;
       const float4 hv = pi == next_piece ? ck_next
                                          : *(const float4 *)(ck + ((int64_t)pi * D + d) * N + 4 * j);
@@ -881,12 +891,13 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
           const float dt = dt_s[i], du = dt * IO::load(u_r[i]), keep = RESET ? rs_s[s0 + t] : 1.0f;
           const float4 bv = load4<IO>(B_r + (s0 + t) * N + 4 * j);
           const float4 cv = load4<IO>(C_r + (s0 + t) * N + 4 * j);
-          h[0] = fmaf(ex2_ftz(dt * a2[0]), h[0] * keep, du * bv.x);
-          h[1] = fmaf(ex2_ftz(dt * a2[1]), h[1] * keep, du * bv.y);
-          h[2] = fmaf(ex2_ftz(dt * a2[2]), h[2] * keep, du * bv.z);
-          h[3] = fmaf(ex2_ftz(dt * a2[3]), h[3] * keep, du * bv.w);
 #pragma unroll
-          for (int k2 = 0; k2 < 4; k2++) hist[t][k2] = h[k2];
+          for (int k2 = 0; k2 < 4; k2++) {
+            const float a = CACHE ? av[CACHE ? t : 0][k2] : ex2_ftz(dt * a2[k2]);
+            const float bk = k2 == 0 ? bv.x : k2 == 1 ? bv.y : k2 == 2 ? bv.z : bv.w;
+            h[k2] = fmaf(a, h[k2] * keep, du * bk);
+            hist[t][k2] = h[k2];
+          }
           if (z) {
             float acc = fmaf(cv.x, h[0], fmaf(cv.y, h[1], fmaf(cv.z, h[2], cv.w * h[3])));
             acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -907,7 +918,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
 #pragma unroll
           for (int k2 = 0; k2 < 4; k2++) {
             const float hprev = (t > 0 ? hist[t > 0 ? t - 1 : 0][k2] : hin[k2]) * keep;
-            const float a = ex2_ftz(dt * a2[k2]);
+            const float a = CACHE ? av[CACHE ? t : 0][k2] : ex2_ftz(dt * a2[k2]);
             const float g_h = fmaf(cc[k2], gy, dh[k2]);
             const float gha = g_h * a * hprev;
             dA[k2] = fmaf(dt, gha, dA[k2]);
@@ -1248,7 +1259,12 @@ static int backward_io(const scan_params &p, const mx_scan_grads *gr, int npt, d
                        size_t smem, mx_cuda_dev *d, mx_err *err) {
   int rc;
   if (npt == 16) {
-    auto kern = p.reset ? scan_backward16_kernel<IO, true> : scan_backward16_kernel<IO, false>;
+    /* latency-bound sizes (the forward's 4-lane range) keep each piece's
+     * exps in registers: fewer special-function ops on the critical path,
+     * at the cost of occupancy the large sizes need */
+    const bool cache = (int64_t)p.B * p.D < 32768;
+    auto kern = p.reset ? (cache ? scan_backward16_kernel<IO, true, true> : scan_backward16_kernel<IO, true, false>)
+                        : (cache ? scan_backward16_kernel<IO, false, true> : scan_backward16_kernel<IO, false, false>);
     rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    (int)smem));
     if (rc != MX_OK) return rc;
