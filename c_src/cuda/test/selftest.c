@@ -6,8 +6,8 @@
  * Then host copies, determinism, a few timings, concurrency and the error
  * paths (out of memory, bad arguments, a lost device: that one runs last).
  *
- *   gcc -O2 -std=gnu11 -ffp-contract=off -o selftest c_src/cuda/test/selftest.c \
- *       c_src/cpu/cpu_backend.c -ldl -lm -lpthread
+ *   gcc -O2 -std=gnu11 -D_GNU_SOURCE -ffp-contract=off -o selftest c_src/cuda/test/selftest.c \
+ *       c_src/cpu/cpu_backend.c c_src/cpu/cpu_pool.c c_src/cpu/scan_cpu.c -ldl -lm -lpthread
  *   ./selftest priv/mambex_cuda.so [--quick] [--only=reduce,permute,...]
  */
 #include <dlfcn.h>
@@ -22,6 +22,12 @@
 #include "../../core/numeric.h"
 
 static const mx_backend *G, *C;
+
+/* A scalar operand for both backends: float value and exact integer. */
+static mx_scalar S(double v) {
+  mx_scalar r = {v, (int64_t)v};
+  return r;
+}
 static mx_err E;
 static int failures, quick;
 
@@ -103,7 +109,7 @@ static void *make_input(int dt, size_t n, uint64_t seed, int positive, int speci
     else CHECK_OK(C->random(0, dt, h, n, seed, MX_NORMAL, 0.0, 3.0, &E));
     if (specials && n > 8) {
       double sp[] = {NAN, -0.0, 0.0, INFINITY, -INFINITY, 1e-42, -1e30};
-      for (int k = 0; k < 7; k++) CHECK_OK(C->fill(0, dt, (char *)h + (k * 7 % n) * mx_dtype_size(dt), 1, sp[k], &E));
+      for (int k = 0; k < 7; k++) CHECK_OK(C->fill(0, dt, (char *)h + (k * 7 % n) * mx_dtype_size(dt), 1, S(sp[k]), &E));
     }
   } else {
     double lo = dt == MX_U8 ? 0 : -6, hi = dt == MX_U8 ? 256 : 6;
@@ -130,8 +136,8 @@ static void test_creation(void) {
       void *hc = malloc(n * es), *d;
       CHECK_OK(G->alloc(0, n * es, &d, &E));
       for (int v = 0; v < 9; v++) {
-        CHECK_OK(C->fill(0, dt, hc, n, vals[v], &E));
-        CHECK_OK(G->fill(0, dt, d, n, vals[v], &E));
+        CHECK_OK(C->fill(0, dt, hc, n, S(vals[v]), &E));
+        CHECK_OK(G->fill(0, dt, d, n, S(vals[v]), &E));
         void *hg = gpu_get(d, n * es);
         compare("fill", dt, hc, hg, n, 0);
         free(hg);
@@ -173,7 +179,7 @@ static void test_cast(void) {
   for (int s = 0; s < MX_NUM_DTYPES; s++) {
     void *hx = make_input(s, n, 77 + s, 0, 1);
     if (mx_dtype_is_float(s)) /* scale up so that integer destinations wrap */
-      CHECK_OK(C->binary(0, MX_MUL, s, hx, NULL, 100.0, MX_B_SCALAR, n, 0, hx, &E));
+      CHECK_OK(C->binary(0, MX_MUL, s, hx, NULL, S(100.0), MX_B_SCALAR, n, 0, hx, &E));
     void *dx = gpu_put(hx, n * mx_dtype_size(s));
     for (int t = 0; t < MX_NUM_DTYPES; t++) {
       size_t es = mx_dtype_size(t);
@@ -230,9 +236,9 @@ static void test_unary_binary_axpy(void) {
             if (mode == MX_B_TRAILING && n == 4099) bnn = 4099;
             if (mode == MX_B_TRAILING && n == 1000003) bnn = 1000003; /* prime */
             double sc = dt == MX_U8 ? 3.0 : -2.5;
-            CHECK_OK(C->binary(0, op, dt, ha1, mode == MX_B_SCALAR ? NULL : hb1, sc, mode, n, bnn,
+            CHECK_OK(C->binary(0, op, dt, ha1, mode == MX_B_SCALAR ? NULL : hb1, S(sc), mode, n, bnn,
                                hc, &E));
-            CHECK_OK(G->binary(0, op, dt, oa, mode == MX_B_SCALAR ? NULL : ob, sc, mode, n, bnn,
+            CHECK_OK(G->binary(0, op, dt, oa, mode == MX_B_SCALAR ? NULL : ob, S(sc), mode, n, bnn,
                                dy, &E));
             void *hg = gpu_get(dy, n * es);
             char what[64];
@@ -244,14 +250,14 @@ static void test_unary_binary_axpy(void) {
         /* trailing with a real broadcast: rows of 64 */
         if (n == 1000003 && off == 0) {
           size_t rows = 15625, bnn = 64, m = rows * bnn;
-          CHECK_OK(C->binary(0, MX_SUB, dt, ha, hb, 0, MX_B_TRAILING, m, bnn, hc, &E));
-          CHECK_OK(G->binary(0, MX_SUB, dt, da, db, 0, MX_B_TRAILING, m, bnn, dy, &E));
+          CHECK_OK(C->binary(0, MX_SUB, dt, ha, hb, S(0), MX_B_TRAILING, m, bnn, hc, &E));
+          CHECK_OK(G->binary(0, MX_SUB, dt, da, db, S(0), MX_B_TRAILING, m, bnn, dy, &E));
           void *hg = gpu_get(dy, m * es);
           compare("binary trailing 64", dt, hc, hg, m, 0);
           free(hg);
         }
-        CHECK_OK(C->axpy(0, dt, -1.75, ha1, hb1, hc, n, &E));
-        CHECK_OK(G->axpy(0, dt, -1.75, oa, ob, dy, n, &E));
+        CHECK_OK(C->axpy(0, dt, S(-1.75), ha1, hb1, hc, n, &E));
+        CHECK_OK(G->axpy(0, dt, S(-1.75), oa, ob, dy, n, &E));
         void *hg = gpu_get(dy, n * es);
         char what[64];
         snprintf(what, sizeof what, "axpy n=%zu off %d", n, off);
@@ -449,7 +455,7 @@ static void *work(void *arg) {
     void *d = NULL, *o = NULL;
     if (G->alloc(0, n * 4, &d, &e) || G->alloc(0, n * 4, &o, &e) ||
         G->upload(0, d, h, n * 4, &e) ||
-        G->binary(0, MX_ADD, MX_F32, d, NULL, w->id, MX_B_SCALAR, n, 0, o, &e) ||
+        G->binary(0, MX_ADD, MX_F32, d, NULL, S(w->id), MX_B_SCALAR, n, 0, o, &e) ||
         G->download(0, h, o, n * 4, &e)) {
       printf("FAIL worker %d: %s\n", w->id, e.msg);
       w->bad++;
@@ -510,11 +516,11 @@ static double time_us(void (*fn)(void *), void *arg, int reps) {
 
 static void *B0, *B1, *B2;
 static size_t BN;
-static void run_add(void *p) { (void)p; CHECK_OK(G->binary(0, MX_ADD, MX_F32, B0, B1, 0, 0, BN, 0, B2, &E)); }
-static void run_axpy(void *p) { (void)p; CHECK_OK(G->axpy(0, MX_F32, 0.5, B0, B1, B2, BN, &E)); }
+static void run_add(void *p) { (void)p; CHECK_OK(G->binary(0, MX_ADD, MX_F32, B0, B1, S(0), 0, BN, 0, B2, &E)); }
+static void run_axpy(void *p) { (void)p; CHECK_OK(G->axpy(0, MX_F32, S(0.5), B0, B1, B2, BN, &E)); }
 static void run_copy(void *p) { (void)p; CHECK_OK(G->cast(0, MX_F32, B0, MX_F32, B2, BN, &E)); }
-static void run_scale(void *p) { (void)p; CHECK_OK(G->binary(0, MX_MUL, MX_F32, B0, NULL, 3, 1, BN, 0, B2, &E)); }
-static void run_fill(void *p) { (void)p; CHECK_OK(G->fill(0, MX_F32, B2, BN, 1.0, &E)); }
+static void run_scale(void *p) { (void)p; CHECK_OK(G->binary(0, MX_MUL, MX_F32, B0, NULL, S(3), 1, BN, 0, B2, &E)); }
+static void run_fill(void *p) { (void)p; CHECK_OK(G->fill(0, MX_F32, B2, BN, S(1.0), &E)); }
 static void run_sum(void *p) { (void)p; CHECK_OK(G->reduce(0, MX_SUM, MX_F32, B0, B2, 1, BN, 1, &E)); }
 static void run_rowsum(void *p) { (void)p; CHECK_OK(G->reduce(0, MX_SUM, MX_F32, B0, B2, BN / 512, 512, 1, &E)); }
 static void run_colsum(void *p) { (void)p; CHECK_OK(G->reduce(0, MX_SUM, MX_F32, B0, B2, 1, BN / 512, 512, &E)); }
@@ -531,8 +537,8 @@ static void run_blc(void *p) {
   CHECK_OK(G->permute(0, 4, B0, B2, 3, shape, perm, &E));
 }
 static void run_bf16cast(void *p) { (void)p; CHECK_OK(G->cast(0, MX_F32, B0, MX_BF16, B2, BN, &E)); }
-static void run_trailing(void *p) { (void)p; CHECK_OK(G->binary(0, MX_ADD, MX_F32, B0, B1, 0, MX_B_TRAILING, BN, 512, B2, &E)); }
-static void run_bf16add(void *p) { (void)p; CHECK_OK(G->binary(0, MX_ADD, MX_BF16, B0, B1, 0, 0, BN, 0, B2, &E)); }
+static void run_trailing(void *p) { (void)p; CHECK_OK(G->binary(0, MX_ADD, MX_F32, B0, B1, S(0), MX_B_TRAILING, BN, 512, B2, &E)); }
+static void run_bf16add(void *p) { (void)p; CHECK_OK(G->binary(0, MX_ADD, MX_BF16, B0, B1, S(0), 0, BN, 0, B2, &E)); }
 static void run_exp(void *p) { (void)p; CHECK_OK(G->unary(0, MX_EXP, MX_F32, B0, B2, BN, &E)); }
 static void run_random(void *p) { (void)p; CHECK_OK(G->random(0, MX_F32, B2, BN, 9, MX_NORMAL, 0, 1, &E)); }
 
@@ -602,31 +608,31 @@ static void test_errors(void) {
   rc = G->alloc(0, 1000, &p, &E); /* still fine afterwards */
   if (rc != MX_OK) failures++;
   float one = 1;
-  rc = G->fill(0, MX_F32, p, 10, 2.0, &E);
+  rc = G->fill(0, MX_F32, p, 10, S(2.0), &E);
   rc |= G->download(0, &one, p, 4, &E);
   if (rc != MX_OK || one != 2.0f) {
     printf("FAIL after OOM: %d %s\n", rc, E.msg);
     failures++;
   }
   G->free_async(0, p);
-  rc = G->fill(99, MX_F32, p, 10, 2.0, &E);
+  rc = G->fill(99, MX_F32, p, 10, S(2.0), &E);
   printf("fill on device 99 -> %d: %s\n", rc, E.msg);
   if (rc != MX_E_ARG) failures++;
   rc = G->unary(0, MX_EXP, MX_S32, p, p, 10, &E);
   printf("exp on s32 -> %d: %s\n", rc, E.msg);
   if (rc != MX_E_ARG) failures++;
-  rc = G->fill(0, 42, p, 10, 2.0, &E);
+  rc = G->fill(0, 42, p, 10, S(2.0), &E);
   if (rc != MX_E_ARG) failures++;
 
   /* a lost device: a kernel reading a bad address */
   void *q;
   CHECK_OK(G->alloc(0, 4096, &q, &E));
-  rc = G->binary(0, MX_ADD, MX_F32, (void *)(uintptr_t)0x1000, q, 0, 0, 1000, 0, q, &E);
+  rc = G->binary(0, MX_ADD, MX_F32, (void *)(uintptr_t)0x1000, q, S(0), 0, 1000, 0, q, &E);
   printf("enqueue bad kernel -> %d\n", rc);
   rc = G->sync(0, &E);
   printf("sync -> %d: %s\n", rc, E.msg);
   if (rc != MX_E_LOST) failures++;
-  rc = G->fill(0, MX_F32, q, 10, 1.0, &E);
+  rc = G->fill(0, MX_F32, q, 10, S(1.0), &E);
   printf("fill after -> %d: %s\n", rc, E.msg);
   if (rc != MX_E_LOST) failures++;
   G->free_async(0, q);
