@@ -17,24 +17,7 @@ defmodule Mambex.MemoryTest do
 
   setup context, do: seed_rand(context)
 
-  # On OTP 25 the destructor of a tensor that a garbage collection found dead
-  # runs only once the process has been scheduled out, so settle by
-  # collecting, then yielding until the statistics match `target` (a bounded
-  # number of times: a real leak still fails the comparison).
-  defp stats(device, target \\ nil) do
-    :erlang.garbage_collect()
-    Mambex.sync(device)
-
-    Enum.reduce_while(1..1000, nil, fn _, _ ->
-      :erlang.yield()
-      s = Mambex.memory_stats(device)
-
-      if target == nil or
-           (s.live_bytes == target.live_bytes and s.live_handles == target.live_handles),
-         do: {:halt, s},
-         else: {:cont, s}
-    end)
-  end
+  defp stats(device, target \\ nil), do: Mambex.TestHelpers.settled_stats(device, target)
 
   # Runs fun in a fresh process that garbage-collects itself before handing
   # back its (tensor-free) result, then waits for it to be gone.

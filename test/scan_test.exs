@@ -880,33 +880,18 @@ defmodule Mambex.ScanMemoryTest do
 
   alias Mambex.{Scan, Tensor}
 
-  defp settle(target, device) do
-    :erlang.garbage_collect()
-
-    Enum.reduce_while(1..1000, nil, fn _, _ ->
-      :erlang.yield()
-      s = Mambex.memory_stats(device)
-
-      if target == nil or
-           (s.live_bytes == target.live_bytes and s.live_handles == target.live_handles),
-         do: {:halt, s},
-         else: {:cont, s}
-    end)
-  end
-
   # 300 forward/backward pairs (checkpoints included), half the results freed
   # at once and half left to the garbage collector, plus a failing backward
   # each time: afterwards live bytes and handles are back where they were.
-  defp scan_leak_check(device, {b, l, d, n, g} = dims) do
+  defp scan_leak_check(device, {b, l, d, _n, _g} = dims) do
     inputs = make_inputs(seed_for("memory"), dims, io: {:f, 32}, d: true, z: true, reset: true)
-    before = settle(nil, device)
+    before = Mambex.TestHelpers.settled_stats(device)
 
     {pid, ref} =
       spawn_monitor(fn ->
         ts = tensors(inputs, device)
         d_out = tensor(inputs.d_out, {b, l, d}, {:f, 32}, device)
         bad = Tensor.zeros({b, l, d + 1}, device: device)
-        _ = {n, g}
 
         for i <- 1..300 do
           {out, fin, ctx} = run_forward(ts, inputs)
@@ -924,7 +909,7 @@ defmodule Mambex.ScanMemoryTest do
       end)
 
     assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 120_000
-    after_ = settle(before, device)
+    after_ = Mambex.TestHelpers.settled_stats(device, before)
     assert after_.live_bytes == before.live_bytes
     assert after_.live_handles == before.live_handles
   end

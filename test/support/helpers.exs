@@ -111,6 +111,28 @@ defmodule Mambex.TestHelpers do
 
   # ---- tensors ----------------------------------------------------------------
 
+  @doc """
+  Memory statistics of `device` once they settle. On OTP 25 the destructor
+  of a tensor a garbage collection found dead runs only once the process is
+  scheduled out, so: collect, sync, then yield until the statistics match
+  `target` (a bounded number of times, so a real leak still fails the
+  caller's comparison). With no target, the statistics after one yield.
+  """
+  def settled_stats(device, target \\ nil) do
+    :erlang.garbage_collect()
+    Mambex.sync(device)
+
+    Enum.reduce_while(1..1000, nil, fn _, _ ->
+      :erlang.yield()
+      s = Mambex.memory_stats(device)
+
+      if target == nil or
+           (s.live_bytes == target.live_bytes and s.live_handles == target.live_handles),
+         do: {:halt, s},
+         else: {:cont, s}
+    end)
+  end
+
   def numel(shape), do: shape |> Tuple.to_list() |> Enum.reduce(1, &*/2)
 
   @doc "A tensor holding `values` (already representable in `type`)."
