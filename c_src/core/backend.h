@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define MX_BACKEND_ABI 4
+#define MX_BACKEND_ABI 5
 #define MX_MAX_RANK 8
 #define MX_MAX_CUDA_DEVICES 16
 #define MX_ERR_LEN 256
@@ -140,6 +140,144 @@ typedef struct {
   void *dh0;               /* (B, D, N) param */
 } mx_scan_grads;
 
+
+/* ---- Training building blocks (ABI 5) ---------------------------------
+ *
+ * Types: "io" is the dtype of activations (inputs, outputs and their
+ * gradients), "param" that of weights, statistics and their gradients. The
+ * CPU backend takes io == param in {f32, f64}; the CUDA backend takes param
+ * f32 and io f32 or bf16 (only where the family says so; f32 otherwise).
+ *
+ * Gradient accumulation: a backward's `accumulate` = 1 adds the parameter
+ * gradients (weights, biases, initial states) into their buffers instead of
+ * overwriting them; input gradients (dx) are always written. Every gradient
+ * buffer that is non-NULL is fully written (or added to). Reductions over
+ * rows happen in a fixed order (no float atomics): bit-identical reruns.
+ *
+ * Scratch: a backend allocates any scratch it needs itself, stream-ordered,
+ * and reports MX_E_OOM when it cannot.
+ *
+ * Device scalars (losses, the AdamW step and learning rate, the gradient
+ * norm) are single-element buffers in device memory: written by a kernel,
+ * read by later kernels, never synchronised on.
+ */
+
+typedef enum { MX_PREC_FP32 = 0, MX_PREC_TF32 = 1 } mx_precision;
+
+/* Row-major GEMM: C (m, n) = alpha * op(A) * op(B) + beta * C, then + bias
+ * on every row. op(A) is (m, k): A is (m, k) with lda >= k, or with trans_a
+ * A is (k, m) with lda >= m. op(B) is (k, n): B is (k, n) with ldb >= n, or
+ * with trans_b (n, k) with ldb >= k. ldc >= n. beta == 0: C is not read (it
+ * may hold NaN). bias: (n) or NULL, same dtype. m, n or k may be 0 (k = 0
+ * gives beta * C + bias). dtype: io (A, B, C and bias share it).
+ * precision: MX_PREC_TF32 lets the CUDA backend use TF32 tensor cores; the
+ * CPU ignores it. */
+typedef struct {
+  int dtype;
+  int precision;
+  int trans_a, trans_b;
+  int64_t m, n, k;
+  const void *a;
+  int64_t lda;
+  const void *b;
+  int64_t ldb;
+  void *c;
+  int64_t ldc;
+  double alpha, beta;
+  const void *bias;
+} mx_gemm_args;
+
+/* Causal depthwise conv1d along L: for channel c and step t,
+ *   pre[b,t,c] = bias[c] + sum_{j<W} weight[c,j] * xpad[b, t + j - (W-1), c]
+ * where xpad at steps < 0 reads the initial state h0[b, c, W-1 + (t+j-(W-1))]
+ * (h0 holds the W-1 inputs before t = 0, oldest first; zeros when NULL);
+ * out = silu(pre) when `silu`, else pre. The final state (B, C, W-1) holds
+ * the last W-1 inputs of the padded sequence (so h0 when L = 0).
+ * 1 <= W <= 8. io: x, out, d_out, dx; param: weight, bias, states. */
+typedef struct {
+  int64_t batch, len, channels, width;
+  int io, param;
+  int silu;
+  const void *x;      /* (B, L, C) io */
+  const void *weight; /* (C, W) param */
+  const void *bias;   /* (C) param, or NULL */
+  const void *h0;     /* (B, C, W-1) param, or NULL */
+} mx_conv1d_args;
+
+typedef enum { MX_RMSNORM = 0, MX_LAYERNORM = 1 } mx_norm_kind;
+
+/* RMSNorm / LayerNorm over the last axis of (rows, dim), optionally of the
+ * sum s = x + residual:
+ *   RMSNorm:   y = s * rstd * weight,            rstd = 1/sqrt(mean(s^2) + eps)
+ *   LayerNorm: y = (s - mean) * rstd * weight + bias, rstd = 1/sqrt(var(s) + eps)
+ * Forward writes y, the sum s (when residual is given), and the per-row
+ * statistics (mean for LayerNorm only, rstd always; param dtype). The
+ * backward reads s (x when there was no residual), the statistics, dy and
+ * optionally ds (the gradient reaching s along the residual stream), and
+ * writes dx = ds + d(norm)/ds (which is also the residual's gradient). */
+typedef struct {
+  int kind;
+  int64_t rows, dim;
+  int io, param;
+  double eps;
+  const void *x;        /* (rows, dim) io: x, or s in the backward */
+  const void *residual; /* (rows, dim) io, or NULL (forward only) */
+  const void *weight;   /* (dim) param */
+  const void *bias;     /* (dim) param, or NULL (LayerNorm only) */
+} mx_norm_args;
+
+/* Pointwise activations; softplus(x) = x where x > 20. */
+typedef enum {
+  MX_ACT_SILU = 0, MX_ACT_GELU_TANH = 1, MX_ACT_SOFTPLUS = 2, MX_ACT_SIGMOID = 3
+} mx_act;
+
+/* Softmax cross-entropy over the last axis of logits (rows, classes) with
+ * s32 targets (rows). A target equal to ignore_index (when has_ignore)
+ * contributes nothing; any other target outside [0, classes) makes the loss
+ * and that row's gradient NaN (never a crash: targets stay on the device).
+ * Row loss l_r = w[t_r] * (logsumexp(x_r) - x_r[t_r]) (w = 1 without
+ * weights). loss = scale * sum_r l_r / den, den = sum of w[t_r] over rows not
+ * ignored when `mean` (then 0/0 = 0), else 1. dlogits = d loss / d logits
+ * (same scale), written when non-NULL. io: logits, dlogits; param: weights
+ * (classes) and the loss scalar. */
+typedef struct {
+  int64_t rows, classes;
+  int io, param;
+  const void *logits;     /* (rows, classes) io */
+  const int32_t *targets; /* (rows) s32 */
+  const void *weights;    /* (classes) param, or NULL */
+  int has_ignore;
+  int64_t ignore_index;
+  int mean;
+  double scale;
+} mx_xent_args;
+
+/* One parameter tensor of an AdamW update: n elements of param dtype f32. */
+typedef struct {
+  void *param;
+  const void *grad;
+  void *m, *v;
+  int64_t n;
+  int decay; /* 1: apply weight decay to this tensor */
+} mx_adamw_tensor;
+
+/* AdamW over many tensors, in one queue position:
+ *   norm = sqrt(sum of grad^2 over every tensor); written to grad_norm when
+ *          non-NULL; clip = min(1, max_norm / (norm + 1e-6)) when max_norm > 0
+ *   t = *step + 1; *step = t
+ *   g = clip * grad; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
+ *   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + lr * wd * p  (wd if decay)
+ * lr and step live on the device (f32 and s32 single-element buffers). The
+ * `tensors` array is the caller's host memory, read during the call only. */
+typedef struct {
+  int ntensors;
+  const mx_adamw_tensor *tensors;
+  double beta1, beta2, eps, weight_decay, max_norm;
+  const float *lr;   /* device scalar */
+  int32_t *step;     /* device scalar, incremented */
+  float *grad_norm;  /* device scalar, or NULL */
+} mx_adamw_args;
+
 typedef struct mx_backend {
   int abi;               /* MX_BACKEND_ABI */
   const char *name;      /* "cpu" or "cuda" */
@@ -214,6 +352,47 @@ typedef struct mx_backend {
   /* Elements of the checkpoint buffer for these arguments; 0 (or a NULL
    * entry) when the backend takes none. */
   int64_t (*scan_ckpt_elems)(int dev, const mx_scan_args *a);
+
+  /* ---- training building blocks (see the structs above) ---- */
+  /* linear: GEMM with optional bias; sum_rows: out (cols) = [out +] column
+   * sums of x (rows, cols) in dtype (the bias gradient). */
+  int (*gemm)(int dev, const mx_gemm_args *a, mx_err *err);
+  int (*sum_rows)(int dev, int dtype, const void *x, int64_t rows, int64_t cols, void *out,
+                  int accumulate, mx_err *err);
+
+  /* conv1d: forward writes out (B, L, C) and h_last (B, C, W-1) when
+   * non-NULL; backward takes d_out and dh_last (or NULL) and writes the
+   * wanted gradients (NULL: not wanted). */
+  int (*conv1d_forward)(int dev, const mx_conv1d_args *a, void *out, void *h_last, mx_err *err);
+  int (*conv1d_backward)(int dev, const mx_conv1d_args *a, const void *d_out,
+                         const void *dh_last, void *dx, void *dweight, void *dbias, void *dh0,
+                         int accumulate, mx_err *err);
+
+  /* norms: forward writes y (rows, dim), sum (rows, dim) when residual is
+   * given, mean (rows) for LayerNorm and rstd (rows). */
+  int (*norm_forward)(int dev, const mx_norm_args *a, void *y, void *sum, void *mean,
+                      void *rstd, mx_err *err);
+  int (*norm_backward)(int dev, const mx_norm_args *a, const void *mean, const void *rstd,
+                       const void *dy, const void *dsum, void *dx, void *dweight, void *dbias,
+                       int accumulate, mx_err *err);
+
+  /* activations (io dtype): y = f(x); dx = dy * f'(x); swiglu out = silu(a) * b. */
+  int (*act_forward)(int dev, int act, int dtype, const void *x, void *y, size_t n, mx_err *err);
+  int (*act_backward)(int dev, int act, int dtype, const void *x, const void *dy, void *dx,
+                      size_t n, mx_err *err);
+  int (*swiglu_forward)(int dev, int dtype, const void *a, const void *b, void *out, size_t n,
+                        mx_err *err);
+  int (*swiglu_backward)(int dev, int dtype, const void *a, const void *b, const void *dout,
+                         void *da, void *db, size_t n, mx_err *err);
+
+  /* losses: loss is a device scalar (param dtype); the gradient is written
+   * when non-NULL. mse: loss = scale * sum (pred - target)^2 [/ n when mean]. */
+  int (*cross_entropy)(int dev, const mx_xent_args *a, void *loss, void *dlogits, mx_err *err);
+  int (*mse)(int dev, int io, int param, const void *pred, const void *target, size_t n,
+             int mean, double scale, void *loss, void *dpred, mx_err *err);
+
+  /* optimiser */
+  int (*adamw)(int dev, const mx_adamw_args *a, mx_err *err);
 } mx_backend;
 
 /* The one symbol the CUDA shared object exports. NULL on ABI mismatch. */

@@ -572,6 +572,19 @@ static const mx_backend cpu_backend = {
     .spin = cpu_spin,
     .scan_forward = cpu_scan_forward,
     .scan_backward = cpu_scan_backward,
+    .gemm = cpu_gemm,
+    .sum_rows = cpu_sum_rows,
+    .conv1d_forward = cpu_conv1d_forward,
+    .conv1d_backward = cpu_conv1d_backward,
+    .norm_forward = cpu_norm_forward,
+    .norm_backward = cpu_norm_backward,
+    .act_forward = cpu_act_forward,
+    .act_backward = cpu_act_backward,
+    .swiglu_forward = cpu_swiglu_forward,
+    .swiglu_backward = cpu_swiglu_backward,
+    .cross_entropy = cpu_cross_entropy,
+    .mse = cpu_mse,
+    .adamw = cpu_adamw,
 };
 
 const mx_backend *mx_cpu_backend(void) { return &cpu_backend; }

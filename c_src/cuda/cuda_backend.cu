@@ -34,6 +34,19 @@ static const mx_backend mx_cuda_table = {
     .scan_forward = mx_cuda_scan_forward,
     .scan_backward = mx_cuda_scan_backward,
     .scan_ckpt_elems = mx_cuda_scan_ckpt_elems,
+    .gemm = mx_cuda_gemm,
+    .sum_rows = mx_cuda_sum_rows,
+    .conv1d_forward = mx_cuda_conv1d_forward,
+    .conv1d_backward = mx_cuda_conv1d_backward,
+    .norm_forward = mx_cuda_norm_forward,
+    .norm_backward = mx_cuda_norm_backward,
+    .act_forward = mx_cuda_act_forward,
+    .act_backward = mx_cuda_act_backward,
+    .swiglu_forward = mx_cuda_swiglu_forward,
+    .swiglu_backward = mx_cuda_swiglu_backward,
+    .cross_entropy = mx_cuda_cross_entropy,
+    .mse = mx_cuda_mse,
+    .adamw = mx_cuda_adamw,
 };
 
 extern "C" __attribute__((visibility("default"))) const mx_backend *mx_cuda_backend_get(int abi) {
