@@ -54,7 +54,8 @@ defmodule Mambex.AdamWBench do
 
     grads =
       for {{name, shape}, i} <- Enum.with_index(shapes), into: %{} do
-        {name, Tensor.random_uniform(shape, seed: seed + 1000 + i, min: -0.01, max: 0.01, device: device)}
+        {name,
+         Tensor.random_uniform(shape, seed: seed + 1000 + i, min: -0.01, max: 0.01, device: device)}
       end
 
     st = AdamW.init(params, lr: 1.0e-3, max_grad_norm: clip)
@@ -86,7 +87,8 @@ defmodule Mambex.AdamWBench do
 
     %{
       op: if(clip, do: "adamw_clip", else: "adamw"),
-      shapes: "#{label}: #{length(shapes)} tensors, #{n} params, bytes=#{bytes}, floor_us=#{Float.round(floor_us, 2)}",
+      shapes:
+        "#{label}: #{length(shapes)} tensors, #{n} params, bytes=#{bytes}, floor_us=#{Float.round(floor_us, 2)}",
       dtype: "f32",
       device: device,
       stats: stats,
@@ -98,14 +100,18 @@ defmodule Mambex.AdamWBench do
   defp sets, do: [{"one tensor", [{"w", {1_048_576}}]}, {"mamba 2-layer d256", mamba_shapes()}]
 
   test "CPU rows (reported)" do
-    rows = for {label, shapes} <- sets(), clip <- [nil, 1.0], do: bench(label, shapes, :cpu, clip, 50)
+    rows =
+      for {label, shapes} <- sets(), clip <- [nil, 1.0], do: bench(label, shapes, :cpu, clip, 50)
+
     BenchHelper.report(@csv, rows)
   end
 
   @tag :cuda
   test "CUDA: 1 M parameters in <= 15 us" do
     rows =
-      for {label, shapes} <- sets(), clip <- [nil, 1.0], do: bench(label, shapes, {:cuda, 0}, clip, 200)
+      for {label, shapes} <- sets(),
+          clip <- [nil, 1.0],
+          do: bench(label, shapes, {:cuda, 0}, clip, 200)
 
     BenchHelper.report(@csv, rows)
     for r <- rows, do: assert(r.stats.median <= 15.0, "#{r.op} #{r.shapes}: #{r.stats.median} us")

@@ -61,10 +61,13 @@ defmodule Mambex.AdamWTest do
     names = params |> Map.keys() |> Enum.sort()
     p_t = tensors(params)
     # (a function cannot be a module attribute: :every stands for one)
-    opts = if opts[:decay] == :every, do: Keyword.put(opts, :decay, fn _, _ -> true end), else: opts
+    opts =
+      if opts[:decay] == :every, do: Keyword.put(opts, :decay, fn _, _ -> true end), else: opts
+
     init_opts = Keyword.merge([lr: hd(lrs)], Keyword.delete(opts, :grad_scale))
     state = AdamW.init(p_t, init_opts)
     decay = Enum.map(names, &state.decay[&1])
+
     ref_opts = [
       beta1: elem(Keyword.get(opts, :betas, {0.9, 0.999}), 0),
       beta2: elem(Keyword.get(opts, :betas, {0.9, 0.999}), 1),
@@ -76,11 +79,13 @@ defmodule Mambex.AdamWTest do
     p0 = values(params, names)
 
     Enum.reduce(Enum.with_index(lrs, 1), {state, p0, AdamWReference.init(p0)}, fn {lr, k},
-                                                                               {st, ref_p, ref_s} ->
+                                                                                  {st, ref_p,
+                                                                                   ref_s} ->
       st = AdamW.set_lr(st, lr)
       grads = rand_grads(shapes, device, Keyword.get(opts, :grad_scale, 1.0))
       st = AdamW.step(st, p_t, tensors(grads))
       g = values(grads, names)
+
       {new_p, new_s, norm} =
         AdamWReference.step(ref_p, g, decay, ref_s, [{:lr, f32(lr)} | ref_opts])
 
@@ -103,7 +108,8 @@ defmodule Mambex.AdamWTest do
       end
 
       # the next step starts from what the kernel produced (as f32)
-      {st, out_p, %{new_s | m: Enum.map(names, &read(st.m[&1])), v: Enum.map(names, &read(st.v[&1]))}}
+      {st, out_p,
+       %{new_s | m: Enum.map(names, &read(st.m[&1])), v: Enum.map(names, &read(st.v[&1]))}}
     end)
   end
 
@@ -112,8 +118,8 @@ defmodule Mambex.AdamWTest do
     {"clipping active", [max_grad_norm: 1.0], [0.05, 0.02, 0.05, 0.1]},
     {"clipping inactive, norm tracked", [max_grad_norm: 1.0e6], [0.03, 0.03]},
     {"norm tracked, no clipping, no decay", [grad_norm: true, weight_decay: 0.0], [0.05, 0.01]},
-    {"decay on every tensor, other betas", [decay: :every, betas: {0.8, 0.95},
-                                            eps: 1.0e-3, weight_decay: 0.1], [0.05, 0.05, 0.2]},
+    {"decay on every tensor, other betas",
+     [decay: :every, betas: {0.8, 0.95}, eps: 1.0e-3, weight_decay: 0.1], [0.05, 0.05, 0.2]},
     {"decay by name, beta1 0", [decay: [:b2, :w1], betas: {0.0, 0.5}, max_grad_norm: 3.0],
      [0.1, 0.1]}
   ]
@@ -137,8 +143,13 @@ defmodule Mambex.AdamWTest do
         note = seed!(ctx)
         device = ctx.device
 
-        run_against_reference(device, %{a: {5}, b: {4, 3}}, [max_grad_norm: 1.0, grad_scale: 1.0e-6,
-                                                            eps: 1.0e-6], [0.01, 0.01], note)
+        run_against_reference(
+          device,
+          %{a: {5}, b: {4, 3}},
+          [max_grad_norm: 1.0, grad_scale: 1.0e-6, eps: 1.0e-6],
+          [0.01, 0.01],
+          note
+        )
       end
     end
   end
@@ -151,7 +162,9 @@ defmodule Mambex.AdamWTest do
       vals = for {_, s} <- shapes, do: rand_values(numel(s), {:f, 32})
       grads = for {_, s} <- shapes, do: rand_values(numel(s), {:f, 32})
 
-      mk = fn list -> Enum.zip_with(list, shapes, fn v, {_, s} -> make(v, {:f, 32}, s, :cpu) end) end
+      mk = fn list ->
+        Enum.zip_with(list, shapes, fn v, {_, s} -> make(v, {:f, 32}, s, :cpu) end)
+      end
 
       run = fn form ->
         ps = mk.(vals)
@@ -224,7 +237,13 @@ defmodule Mambex.AdamWTest do
 
         {ref, _, norm} =
           AdamWReference.step(vals, grads, decay, AdamWReference.init(vals),
-            lr: f32(0.05), beta1: 0.9, beta2: 0.999, eps: 1.0e-8, weight_decay: 0.01, max_norm: 5.0)
+            lr: f32(0.05),
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1.0e-8,
+            weight_decay: 0.01,
+            max_norm: 5.0
+          )
 
         assert_close(Enum.map(ps, &read/1), ref, @tol_p, "params #{note}")
         assert_in_delta AdamW.grad_norm(st), norm, 1.0e-6 * norm
@@ -246,7 +265,13 @@ defmodule Mambex.AdamWTest do
 
         {ref, _, norm} =
           AdamWReference.step(pv, gv, [false, true], AdamWReference.init(pv),
-            lr: f32(0.01), beta1: 0.9, beta2: 0.999, eps: 1.0e-8, weight_decay: 0.01, max_norm: 10.0)
+            lr: f32(0.01),
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1.0e-8,
+            weight_decay: 0.01,
+            max_norm: 10.0
+          )
 
         assert_close([read(p), read(b)], ref, @tol_p, "params #{note}")
         assert_in_delta AdamW.grad_norm(st), norm, 1.0e-6 * norm
@@ -258,8 +283,14 @@ defmodule Mambex.AdamWTest do
         sizes = [1, 3, 1000, 1025, 200_003, 4096]
 
         run = fn ->
-          ps = for {n, i} <- Enum.with_index(sizes), do: Tensor.random_uniform({n}, seed: i, min: -1.0, max: 1.0, device: device)
-          gs = for {n, i} <- Enum.with_index(sizes), do: Tensor.random_uniform({n}, seed: 100 + i, min: -1.0, max: 1.0, device: device)
+          ps =
+            for {n, i} <- Enum.with_index(sizes),
+                do: Tensor.random_uniform({n}, seed: i, min: -1.0, max: 1.0, device: device)
+
+          gs =
+            for {n, i} <- Enum.with_index(sizes),
+                do: Tensor.random_uniform({n}, seed: 100 + i, min: -1.0, max: 1.0, device: device)
+
           st = AdamW.init(ps, lr: 0.01, max_grad_norm: 1.0)
           st = Enum.reduce(1..3, st, fn _, s -> AdamW.step(s, ps, gs) end)
           {Enum.map(ps, &Tensor.to_binary/1), Tensor.to_binary(st.grad_norm)}
@@ -293,7 +324,11 @@ defmodule Mambex.AdamWTest do
     st = AdamW.set_lr(st, lr)
     assert AdamW.lr(st) == 0.25
     assert_raise ArgumentError, ~r/lr/, fn -> AdamW.set_lr(st, Tensor.fill({2}, 0.25)) end
-    assert_raise ArgumentError, ~r/lr/, fn -> AdamW.set_lr(st, Tensor.fill({}, 1, type: {:f, 64})) end
+
+    assert_raise ArgumentError, ~r/lr/, fn ->
+      AdamW.set_lr(st, Tensor.fill({}, 1, type: {:f, 64}))
+    end
+
     assert_raise ArgumentError, ~r/lr/, fn -> AdamW.set_lr(st, :fast) end
   end
 
@@ -337,8 +372,13 @@ defmodule Mambex.AdamWTest do
         AdamW.step(c.state, c.params, %{c.grads | b: [1.0, 2.0]})
       end
 
-      assert_raise ArgumentError, ~r/params must be a map/, fn -> AdamW.step(c.state, :x, c.grads) end
-      assert_raise ArgumentError, ~r/state must be a Mambex.AdamW/, fn -> AdamW.step(%{}, c.params, c.grads) end
+      assert_raise ArgumentError, ~r/params must be a map/, fn ->
+        AdamW.step(c.state, :x, c.grads)
+      end
+
+      assert_raise ArgumentError, ~r/state must be a Mambex.AdamW/, fn ->
+        AdamW.step(%{}, c.params, c.grads)
+      end
     end
 
     test "non-f32 parameters and bad options at init", c do
@@ -351,45 +391,81 @@ defmodule Mambex.AdamWTest do
       end
 
       assert_raise ArgumentError, ~r/empty/, fn -> AdamW.init(%{}) end
-      assert_raise ArgumentError, ~r/unknown options \[:momentum\]/, fn -> AdamW.init(c.params, momentum: 0.9) end
+
+      assert_raise ArgumentError, ~r/unknown options \[:momentum\]/, fn ->
+        AdamW.init(c.params, momentum: 0.9)
+      end
+
       assert_raise ArgumentError, ~r/:betas/, fn -> AdamW.init(c.params, betas: {0.9, 1.0}) end
       assert_raise ArgumentError, ~r/:betas/, fn -> AdamW.init(c.params, betas: 0.9) end
       assert_raise ArgumentError, ~r/:eps/, fn -> AdamW.init(c.params, eps: -1.0) end
-      assert_raise ArgumentError, ~r/:weight_decay/, fn -> AdamW.init(c.params, weight_decay: :x) end
-      assert_raise ArgumentError, ~r/:max_grad_norm/, fn -> AdamW.init(c.params, max_grad_norm: 0) end
+
+      assert_raise ArgumentError, ~r/:weight_decay/, fn ->
+        AdamW.init(c.params, weight_decay: :x)
+      end
+
+      assert_raise ArgumentError, ~r/:max_grad_norm/, fn ->
+        AdamW.init(c.params, max_grad_norm: 0)
+      end
+
       assert_raise ArgumentError, ~r/:grad_norm/, fn -> AdamW.init(c.params, grad_norm: 1) end
-      assert_raise ArgumentError, ~r/:decay names unknown/, fn -> AdamW.init(c.params, decay: [:z]) end
-      assert_raise ArgumentError, ~r/:decay returned/, fn -> AdamW.init(c.params, decay: fn _, _ -> 1 end) end
+
+      assert_raise ArgumentError, ~r/:decay names unknown/, fn ->
+        AdamW.init(c.params, decay: [:z])
+      end
+
+      assert_raise ArgumentError, ~r/:decay returned/, fn ->
+        AdamW.init(c.params, decay: fn _, _ -> 1 end)
+      end
+
       assert_raise ArgumentError, ~r/:decay must be/, fn -> AdamW.init(c.params, decay: :all) end
       assert_raise ArgumentError, ~r/lr must be/, fn -> AdamW.init(c.params, lr: "1") end
-      assert_raise ArgumentError, ~r/options must be a keyword list/, fn -> AdamW.init(c.params, 3) end
+
+      assert_raise ArgumentError, ~r/options must be a keyword list/, fn ->
+        AdamW.init(c.params, 3)
+      end
     end
 
     test "freed tensors", c do
       Tensor.free(c.grads.b)
-      assert_raise ArgumentError, ~r/grads\[:b\] was freed/, fn -> AdamW.step(c.state, c.params, c.grads) end
+
+      assert_raise ArgumentError, ~r/grads\[:b\] was freed/, fn ->
+        AdamW.step(c.state, c.params, c.grads)
+      end
 
       {gb, _} = rand_tensor({4}, {:f, 32}, :cpu)
       grads = %{c.grads | b: gb}
       Tensor.free(c.state.m.w)
-      assert_raise ArgumentError, ~r/m\[:w\] was freed/, fn -> AdamW.step(c.state, c.params, grads) end
+
+      assert_raise ArgumentError, ~r/m\[:w\] was freed/, fn ->
+        AdamW.step(c.state, c.params, grads)
+      end
 
       st = AdamW.init(c.params)
       Tensor.free(c.params.w)
-      assert_raise ArgumentError, ~r/params\[:w\] was freed/, fn -> AdamW.step(st, c.params, grads) end
+
+      assert_raise ArgumentError, ~r/params\[:w\] was freed/, fn ->
+        AdamW.step(st, c.params, grads)
+      end
+
       assert_raise ArgumentError, ~r/params\[:w\] was freed/, fn -> AdamW.init(c.params) end
 
       st = AdamW.init(%{b: c.params.b})
       Tensor.free(st.step)
-      assert_raise ArgumentError, ~r/step was freed/, fn -> AdamW.step(st, %{b: c.params.b}, %{b: gb}) end
+
+      assert_raise ArgumentError, ~r/step was freed/, fn ->
+        AdamW.step(st, %{b: c.params.b}, %{b: gb})
+      end
     end
 
     test "a parameter given twice, or as its own gradient, is refused", c do
       st = AdamW.init([c.params.w, c.params.w])
 
-      assert_raise ArgumentError, ~r/params\[0\] and params\[1\] share memory|params\[1\] and params\[0\] share memory/, fn ->
-        AdamW.step(st, [c.params.w, c.params.w], [c.grads.w, c.grads.w])
-      end
+      assert_raise ArgumentError,
+                   ~r/params\[0\] and params\[1\] share memory|params\[1\] and params\[0\] share memory/,
+                   fn ->
+                     AdamW.step(st, [c.params.w, c.params.w], [c.grads.w, c.grads.w])
+                   end
 
       st = AdamW.init(%{w: c.params.w})
 
@@ -418,15 +494,31 @@ defmodule Mambex.AdamWTest do
       good = [[w], [g], [m], [v], [true], s, lr, false, {0.9, 0.999, 1.0e-8, 0.01, 0.0}]
       assert nil == apply(Mambex.NIF, :adamw_step, good)
 
-      garbage = [:x, 1, -1.0, "s", [1], [:x], {}, nil, [w, w], %{}, Tensor.zeros({}, type: {:s, 32}),
-                 Tensor.zeros({2}), {0.9, 0.999, 1.0e-8, 0.01}, {1.0, 0.9, 0.0, 0.0, 0.0},
-                 {0.9, 0.9, -1.0, 0.0, 0.0}, {0.9, 0.9, 0.0, :nan, 0.0}]
+      garbage = [
+        :x,
+        1,
+        -1.0,
+        "s",
+        [1],
+        [:x],
+        {},
+        nil,
+        [w, w],
+        %{},
+        Tensor.zeros({}, type: {:s, 32}),
+        Tensor.zeros({2}),
+        {0.9, 0.999, 1.0e-8, 0.01},
+        {1.0, 0.9, 0.0, 0.0, 0.0},
+        {0.9, 0.9, -1.0, 0.0, 0.0},
+        {0.9, 0.9, 0.0, :nan, 0.0}
+      ]
 
       for i <- 0..(length(good) - 1), bad <- garbage do
         args = List.replace_at(good, i, bad)
 
         if args != good do
           outcome = arg_error_outcome(fn -> apply(Mambex.NIF, :adamw_step, args) end)
+
           # a few replacements are valid arguments (e.g. want_norm never; lists of the same tensor for grads)
           assert outcome == nil or match?({:returned, _}, outcome),
                  "argument #{i} = #{inspect(bad)}: #{inspect(outcome)}"
@@ -434,15 +526,45 @@ defmodule Mambex.AdamWTest do
       end
 
       assert_raise ArgumentError, ~r/adamw_step: grads has 2 tensors but params has 1/, fn ->
-        Mambex.NIF.adamw_step([w], [g, g], [m], [v], [true], s, lr, false, {0.9, 0.999, 1.0e-8, 0.01, 0.0})
+        Mambex.NIF.adamw_step(
+          [w],
+          [g, g],
+          [m],
+          [v],
+          [true],
+          s,
+          lr,
+          false,
+          {0.9, 0.999, 1.0e-8, 0.01, 0.0}
+        )
       end
 
       assert_raise ArgumentError, ~r/beta1 must be in \[0, 1\)/, fn ->
-        Mambex.NIF.adamw_step([w], [g], [m], [v], [true], s, lr, false, {1.0, 0.999, 1.0e-8, 0.01, 0.0})
+        Mambex.NIF.adamw_step(
+          [w],
+          [g],
+          [m],
+          [v],
+          [true],
+          s,
+          lr,
+          false,
+          {1.0, 0.999, 1.0e-8, 0.01, 0.0}
+        )
       end
 
       assert_raise ArgumentError, ~r/step must be an \{:s, 32\} tensor/, fn ->
-        Mambex.NIF.adamw_step([w], [g], [m], [v], [true], lr, lr, false, {0.9, 0.999, 1.0e-8, 0.01, 0.0})
+        Mambex.NIF.adamw_step(
+          [w],
+          [g],
+          [m],
+          [v],
+          [true],
+          lr,
+          lr,
+          false,
+          {0.9, 0.999, 1.0e-8, 0.01, 0.0}
+        )
       end
     end
   end
@@ -462,8 +584,20 @@ defmodule Mambex.AdamWTest do
         run = fn device ->
           ps = Enum.zip_with(vals, sizes, &make(&1, {:f, 32}, {&2}, device))
           gs = Enum.zip_with(grads, sizes, &make(&1, {:f, 32}, {&2}, device))
-          st = AdamW.init(ps, lr: 0.01, max_grad_norm: clip, grad_norm: true, decay: fn i, _ -> rem(i, 2) == 1 end)
-          st = Enum.reduce([0.01, 0.02, 0.005], st, fn lr, s -> s |> AdamW.set_lr(lr) |> AdamW.step(ps, gs) end)
+
+          st =
+            AdamW.init(ps,
+              lr: 0.01,
+              max_grad_norm: clip,
+              grad_norm: true,
+              decay: fn i, _ -> rem(i, 2) == 1 end
+            )
+
+          st =
+            Enum.reduce([0.01, 0.02, 0.005], st, fn lr, s ->
+              s |> AdamW.set_lr(lr) |> AdamW.step(ps, gs)
+            end)
+
           {Enum.map(ps, &read/1), Enum.map(st.names, &read(st.m[&1])), AdamW.grad_norm(st)}
         end
 
@@ -474,7 +608,9 @@ defmodule Mambex.AdamWTest do
         # elementwise update is the same IEEE f32 sequence on both
         assert_close(p_gpu, p_cpu, 1.0e-6, "params (clip #{inspect(clip)}) #{note}")
         assert_close(m_gpu, m_cpu, 1.0e-6, "m (clip #{inspect(clip)}) #{note}")
-        if clip == nil, do: assert(p_gpu == p_cpu, "params differ in bits without clipping #{note}")
+
+        if clip == nil,
+          do: assert(p_gpu == p_cpu, "params differ in bits without clipping #{note}")
       end
     end
 
@@ -487,14 +623,26 @@ defmodule Mambex.AdamWTest do
         {g, _} = rand_tensor({3}, {:f, 32}, :cpu)
         st = AdamW.init(%{w: w})
 
-        assert_raise ArgumentError, ~r/grads\[:w\] is on :cpu/, fn -> AdamW.step(st, %{w: w}, %{w: g}) end
+        assert_raise ArgumentError, ~r/grads\[:w\] is on :cpu/, fn ->
+          AdamW.step(st, %{w: w}, %{w: g})
+        end
 
         assert_raise ArgumentError, ~r/params\[:b\] is on/, fn -> AdamW.init(%{w: w, b: g}) end
 
         assert_raise ArgumentError, ~r/lr/, fn -> AdamW.set_lr(st, Tensor.fill({}, 0.1)) end
 
         assert_raise ArgumentError, ~r/grads\[0\] is on :cpu but step is on/, fn ->
-          Mambex.NIF.adamw_step([w], [g], [st.m.w], [st.v.w], [true], st.step, st.lr, false, {0.9, 0.999, 1.0e-8, 0.01, 0.0})
+          Mambex.NIF.adamw_step(
+            [w],
+            [g],
+            [st.m.w],
+            [st.v.w],
+            [true],
+            st.step,
+            st.lr,
+            false,
+            {0.9, 0.999, 1.0e-8, 0.01, 0.0}
+          )
         end
       end
     end

@@ -170,13 +170,25 @@ defmodule Mambex.AdamW do
       check_tensor!(t, "params", name)
 
       unless Tensor.live?(t),
-        do: raise(ArgumentError, "adamw init: params[#{inspect(name)}] was freed and cannot be used")
+        do:
+          raise(
+            ArgumentError,
+            "adamw init: params[#{inspect(name)}] was freed and cannot be used"
+          )
 
       if t.type != {:f, 32},
-        do: raise(ArgumentError, "adamw init: params[#{inspect(name)}] must have type {:f, 32}, got: #{inspect(t.type)}")
+        do:
+          raise(
+            ArgumentError,
+            "adamw init: params[#{inspect(name)}] must have type {:f, 32}, got: #{inspect(t.type)}"
+          )
 
       if t.device != device,
-        do: raise(ArgumentError, "adamw init: params[#{inspect(name)}] is on #{inspect(t.device)} but the first parameter is on #{inspect(device)} (all tensors must be on one device)")
+        do:
+          raise(
+            ArgumentError,
+            "adamw init: params[#{inspect(name)}] is on #{inspect(t.device)} but the first parameter is on #{inspect(device)} (all tensors must be on one device)"
+          )
     end
 
     decay = decay_flags!(opts[:decay], pairs)
@@ -238,11 +250,21 @@ defmodule Mambex.AdamW do
     norm =
       try do
         Mambex.retry_oom(fn ->
-          NIF.adamw_step(plist, glist, mlist, vlist, dlist, state.step, state.lr,
-            state.track_grad_norm, hyper)
+          NIF.adamw_step(
+            plist,
+            glist,
+            mlist,
+            vlist,
+            dlist,
+            state.step,
+            state.lr,
+            state.track_grad_norm,
+            hyper
+          )
         end)
       rescue
-        e in ArgumentError -> reraise ArgumentError, rename(e.message, state.names), __STACKTRACE__
+        e in ArgumentError ->
+          reraise ArgumentError, rename(e.message, state.names), __STACKTRACE__
       end
 
     %{state | grad_norm: norm}
@@ -288,11 +310,16 @@ defmodule Mambex.AdamW do
 
   defp validate_opts!(opts) do
     unless Keyword.keyword?(opts),
-      do: raise(ArgumentError, "adamw init: options must be a keyword list, got: #{inspect(opts)}")
+      do:
+        raise(ArgumentError, "adamw init: options must be a keyword list, got: #{inspect(opts)}")
 
     case Keyword.keys(opts) -- @init_opts do
-      [] -> opts
-      bad -> raise ArgumentError, "adamw init: unknown options #{inspect(bad)} (known: #{inspect(@init_opts)})"
+      [] ->
+        opts
+
+      bad ->
+        raise ArgumentError,
+              "adamw init: unknown options #{inspect(bad)} (known: #{inspect(@init_opts)})"
     end
   end
 
@@ -333,8 +360,12 @@ defmodule Mambex.AdamW do
 
   defp check_names!(state, map, what, count) do
     case Map.keys(map) -- state.names do
-      [] -> :ok
-      extra -> raise ArgumentError, "adamw_step: #{what} has names the optimiser was not made for: #{inspect(extra, limit: 10)}"
+      [] ->
+        :ok
+
+      extra ->
+        raise ArgumentError,
+              "adamw_step: #{what} has names the optimiser was not made for: #{inspect(extra, limit: 10)}"
     end
 
     if count != map_size(map), do: raise(ArgumentError, "adamw_step: #{what} has repeated names")
@@ -349,7 +380,10 @@ defmodule Mambex.AdamW do
         :error ->
           raise ArgumentError,
                 "adamw_step: #{what} has no tensor for parameter #{inspect(name)}" <>
-                  if(what == "grads", do: " (a gradient is required for every parameter)", else: "")
+                  if(what == "grads",
+                    do: " (a gradient is required for every parameter)",
+                    else: ""
+                  )
       end
 
     check_tensor!(t, what, name)
@@ -385,13 +419,18 @@ defmodule Mambex.AdamW do
     end)
   end
 
-  defp decay_flags!(nil, pairs), do: Map.new(pairs, fn {n, t} -> {n, tuple_size(t.shape) >= 2} end)
+  defp decay_flags!(nil, pairs),
+    do: Map.new(pairs, fn {n, t} -> {n, tuple_size(t.shape) >= 2} end)
 
   defp decay_flags!(fun, pairs) when is_function(fun, 2) do
     Map.new(pairs, fn {n, t} ->
       case fun.(n, t) do
-        b when is_boolean(b) -> {n, b}
-        other -> raise ArgumentError, "adamw init: :decay returned #{inspect(other)} for #{inspect(n)} (want a boolean)"
+        b when is_boolean(b) ->
+          {n, b}
+
+        other ->
+          raise ArgumentError,
+                "adamw init: :decay returned #{inspect(other)} for #{inspect(n)} (want a boolean)"
       end
     end)
   end
@@ -410,20 +449,35 @@ defmodule Mambex.AdamW do
           "adamw init: :decay must be a function (name, tensor -> boolean) or a list of names, got: #{inspect(other)}"
   end
 
-  defp betas!({b1, b2}) when is_number(b1) and is_number(b2) and b1 >= 0 and b1 < 1 and b2 >= 0 and b2 < 1,
-    do: {b1 * 1.0, b2 * 1.0}
+  defp betas!({b1, b2})
+       when is_number(b1) and is_number(b2) and b1 >= 0 and b1 < 1 and b2 >= 0 and b2 < 1,
+       do: {b1 * 1.0, b2 * 1.0}
 
   defp betas!(other),
-    do: raise(ArgumentError, "adamw init: :betas must be {beta1, beta2}, each in [0, 1), got: #{inspect(other)}")
+    do:
+      raise(
+        ArgumentError,
+        "adamw init: :betas must be {beta1, beta2}, each in [0, 1), got: #{inspect(other)}"
+      )
 
   defp nonneg!(x, _key) when is_number(x) and x >= 0, do: x * 1.0
-  defp nonneg!(x, key), do: raise(ArgumentError, "adamw init: #{inspect(key)} must be a number >= 0, got: #{inspect(x)}")
+
+  defp nonneg!(x, key),
+    do:
+      raise(
+        ArgumentError,
+        "adamw init: #{inspect(key)} must be a number >= 0, got: #{inspect(x)}"
+      )
 
   defp max_norm!(nil), do: nil
   defp max_norm!(x) when is_number(x) and x > 0, do: x * 1.0
 
   defp max_norm!(x),
-    do: raise(ArgumentError, "adamw init: :max_grad_norm must be nil or a number > 0, got: #{inspect(x)}")
+    do:
+      raise(
+        ArgumentError,
+        "adamw init: :max_grad_norm must be nil or a number > 0, got: #{inspect(x)}"
+      )
 
   defp lr_tensor!(lr, device) when is_number(lr) do
     Tensor.fill({}, lr, type: {:f, 32}, device: device)
@@ -431,7 +485,11 @@ defmodule Mambex.AdamW do
 
   defp lr_tensor!(%Tensor{type: {:f, 32}, device: device} = t, device) do
     if Tensor.size(t) != 1,
-      do: raise(ArgumentError, "adamw: lr must be a number or an {:f, 32} tensor of one element, got shape #{inspect(t.shape)}")
+      do:
+        raise(
+          ArgumentError,
+          "adamw: lr must be a number or an {:f, 32} tensor of one element, got shape #{inspect(t.shape)}"
+        )
 
     t
   end
