@@ -1,10 +1,511 @@
 /*
- * adamw.cu: STUB, to be replaced by the adamw family's CUDA kernels.
+ * adamw.cu: the AdamW optimiser of the CUDA backend (mx_backend.adamw), with
+ * the global gradient norm and clipping, all on the device.
+ *
+ * What one call does (backend.h, mx_adamw_args): over every tensor (f32
+ * param, grad, m, v of n elements each, updated in place)
+ *   norm = sqrt(sum grad^2)  (written to *grad_norm when asked)
+ *   clip = min(1, max_norm / (norm + 1e-6)) when max_norm > 0, else 1
+ *   t = *step + 1; *step = t   (s32 device scalar; lr is an f32 device scalar)
+ *   g = clip * grad; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
+ *   p = p * (1 - lr wd) - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+ * with the decay factor 1 on tensors whose decay flag is 0. The host never
+ * reads a device value: step and lr are read by the kernels.
+ *
+ * Layout of the work. Tensors are cut into tiles of AW_TILE elements (a
+ * tile never spans two tensors); one thread block handles one tile. The
+ * tensor table (pointers, sizes, tile prefix counts, decay and alignment
+ * bits) travels as a kernel parameter (aw_table, ~3.1 KB, under the 4 KB
+ * portable limit), AW_CH tensors per launch; more tensors take several
+ * launches ("chunks"). A block finds its tensor by a binary search on the
+ * tile prefix (block-uniform, so the constant bank broadcasts).
+ *
+ * Launches:
+ *   - with the norm wanted (max_norm > 0 or grad_norm): per chunk,
+ *     adamw_sumsq_kernel writes one double partial sum of squares per tile
+ *     (fixed slots, fixed order inside the block); in the last chunk's
+ *     launch the last block to finish (an integer atomic ticket, no float
+ *     atomics) adds every partial in a fixed order, writes the norm, the
+ *     clip factor and the coefficients (aw_coef) into scratch, and
+ *     increments the step. Then per chunk adamw_update_kernel<false> reads
+ *     those coefficients. Every chunk reads the same coefficients; the step
+ *     is incremented once.
+ *   - otherwise one launch per chunk of adamw_update_kernel<true>: each
+ *     block computes the coefficients itself from *step and *lr (all blocks
+ *     of all chunks see the same step), and in the last chunk the last block
+ *     to finish writes *step = t.
+ * So AdamW over tensors that fit one chunk is 1 launch without the norm and
+ * 2 with it. The ticket counter is a per-device word allocated once (under
+ * the device mutex) and reset to 0 by the block that used it last; the
+ * partials and coefficients live in stream-ordered scratch freed after the
+ * launches.
+ *
+ * Numerics (the CPU backend, adamw_cpu.c, does the same operations): the
+ * coefficients in double from the f32 lr and s32 step, rounded to float
+ * once; every per-element operation in float rounded separately (__fmul_rn
+ * & co., so nvcc forms no FMA). Without clipping the two backends give the
+ * same bits. The sum of squares is accumulated in double (per thread, warp
+ * shuffles, then the block's 8 warps in order; tiles in order), so the norm
+ * is bit-identical from run to run on one device, but may differ from the
+ * CPU's (grouped differently) in the last bits.
+ *
+ * Vector path: a tensor whose four pointers are 16-byte aligned is read and
+ * written as float4 (streaming loads and stores: the data is touched once);
+ * the tail of n % 4 elements and unaligned tensors go element by element.
  */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
 #include "cuda_ops.h"
 
+#define AW_CH 64          /* tensors per launch */
+#define AW_THREADS 256    /* threads per block */
+#define AW_UNROLL 2       /* float4 per thread per array */
+#define AW_TILE ((int64_t)AW_THREADS * 4 * AW_UNROLL) /* elements per block */
+#define AW_MAX_GRID 0x7fffffffLL
+
+namespace {
+
+struct aw_table {
+  float *p[AW_CH];
+  const float *g[AW_CH];
+  float *m[AW_CH];
+  float *v[AW_CH];
+  int64_t n[AW_CH];
+  int64_t tile_start[AW_CH + 1]; /* chunk-local prefix counts of tiles */
+  uint64_t decay_mask;           /* bit k: weight decay on tensor k */
+  uint64_t vec_mask;             /* bit k: tensor k's pointers are 16-byte aligned */
+  int count;
+};
+
+/* The per-call coefficients every element uses. */
+struct aw_coef {
+  float clip, step_size, inv_sqrt_bc2, decay_factor;
+};
+
+/* Hyper-parameters: floats as the element loop uses them (rounded from
+ * double on the host, as the CPU backend does), doubles for the
+ * coefficients. */
+struct aw_hyper {
+  float b1, omb1, b2, omb2, eps;
+  double beta1, beta2, wd, max_norm;
+};
+
+/* Device scalars and scratch shared by every launch of one call. */
+struct aw_shared {
+  const float *lr;
+  int32_t *step;
+  float *grad_norm;    /* or NULL */
+  double *partial;     /* (total tiles) sums of squares; norm mode only */
+  aw_coef *coef;       /* norm mode only */
+  unsigned *ticket;    /* per-device counter, 0 between calls */
+  int64_t total_tiles; /* over every chunk */
+};
+
+__device__ __forceinline__ int aw_find(const aw_table &tab, int64_t tile) {
+  int lo = 0, hi = tab.count; /* tile_start[lo] <= tile < tile_start[hi] */
+  while (hi - lo > 1) {
+    int mid = (lo + hi) >> 1;
+    if (tab.tile_start[mid] <= tile) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/* Block sum in double, fixed order: shuffles within each warp, then the
+ * warps in order by thread 0. The result is valid in thread 0. */
+__device__ __forceinline__ double aw_block_sum(double s, double *warp_sums) {
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = s;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < AW_THREADS / 32; w++) total += warp_sums[w];
+  return total;
+}
+
+/* The coefficients for this step; t is the new step value. Same double
+ * operations as the CPU backend (no contraction: explicit _rn). */
+__device__ aw_coef aw_coefficients(const aw_hyper &h, int32_t step, float lr_f, double clip,
+                                   int32_t *t_out) {
+  const int32_t t = (int32_t)((uint32_t)step + 1u);
+  const double lr = (double)lr_f;
+  const double bc1 = 1.0 - pow(h.beta1, (double)t);
+  const double bc2 = 1.0 - pow(h.beta2, (double)t);
+  aw_coef c;
+  c.clip = (float)clip;
+  c.step_size = (float)__ddiv_rn(lr, bc1);
+  c.inv_sqrt_bc2 = (float)__ddiv_rn(1.0, __dsqrt_rn(bc2));
+  c.decay_factor = (float)__dsub_rn(1.0, __dmul_rn(lr, h.wd));
+  *t_out = t;
+  return c;
+}
+
+__device__ __forceinline__ void aw_elem(float &p, float g, float &m, float &v, const aw_coef &c,
+                                        const aw_hyper &h, float decay) {
+  g = __fmul_rn(g, c.clip);
+  m = __fadd_rn(__fmul_rn(h.b1, m), __fmul_rn(h.omb1, g));
+  v = __fadd_rn(__fmul_rn(h.b2, v), __fmul_rn(h.omb2, __fmul_rn(g, g)));
+  const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v), c.inv_sqrt_bc2), h.eps);
+  const float upd = __fdiv_rn(__fmul_rn(c.step_size, m), denom);
+  p = __fsub_rn(__fmul_rn(p, decay), upd);
+}
+
+/* Per tile: the sum of squares of its grads into sh.partial[tile_base +
+ * tile]. With `finalize`, the last block of the launch reduces all partials
+ * and writes norm, coefficients and step. */
+__global__ void __launch_bounds__(AW_THREADS)
+    adamw_sumsq_kernel(const aw_table tab, const aw_hyper h, const aw_shared sh,
+                       int64_t tile_base, int finalize) {
+  __shared__ double warp_sums[AW_THREADS / 32];
+  __shared__ int is_last;
+  const int64_t tile = blockIdx.x;
+  const int tid = threadIdx.x;
+  if (tab.count > 0 && tile < tab.tile_start[tab.count]) {
+    const int k = aw_find(tab, tile);
+    const int64_t n = tab.n[k];
+    const int64_t e0 = (tile - tab.tile_start[k]) * AW_TILE;
+    const float *g = tab.g[k];
+    double s = 0.0;
+    if ((tab.vec_mask >> k) & 1u) {
+#pragma unroll
+      for (int u = 0; u < AW_UNROLL; u++) {
+        const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+        if (e + 4 <= n) {
+          const float4 x = __ldcs((const float4 *)(g + e));
+          s = fma((double)x.x, (double)x.x, s);
+          s = fma((double)x.y, (double)x.y, s);
+          s = fma((double)x.z, (double)x.z, s);
+          s = fma((double)x.w, (double)x.w, s);
+        } else {
+          for (int64_t i = e; i < n && i < e + 4; i++) {
+            const double x = (double)g[i];
+            s = fma(x, x, s);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < 4 * AW_UNROLL; u++) {
+        const int64_t i = e0 + (int64_t)u * AW_THREADS + tid;
+        if (i < n) {
+          const double x = (double)g[i];
+          s = fma(x, x, s);
+        }
+      }
+    }
+    s = aw_block_sum(s, warp_sums);
+    if (tid == 0) sh.partial[tile_base + tile] = s;
+  }
+  if (!finalize) return;
+
+  /* The last block of the last chunk: every partial is written (earlier
+   * chunks finished before this launch began; this launch's blocks have
+   * published theirs before taking a ticket). */
+  if (tid == 0) {
+    __threadfence();
+    const unsigned prev = atomicAdd(sh.ticket, 1u);
+    is_last = prev == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  double s = 0.0;
+  for (int64_t i = tid; i < sh.total_tiles; i += AW_THREADS) s += __ldcg(sh.partial + i);
+  __syncthreads(); /* warp_sums may still be read by thread 0 above */
+  s = aw_block_sum(s, warp_sums);
+  if (tid == 0) {
+    const double norm = sqrt(s);
+    if (sh.grad_norm) *sh.grad_norm = (float)norm;
+    double clip = 1.0;
+    if (h.max_norm > 0.0) {
+      const double q = h.max_norm / (norm + 1e-6);
+      clip = q < 1.0 ? q : 1.0; /* NaN norm: 1 (m and v become NaN anyway) */
+    }
+    int32_t t;
+    *sh.coef = aw_coefficients(h, *sh.step, *sh.lr, clip, &t);
+    *sh.step = t;
+    *sh.ticket = 0u;
+  }
+}
+
+/* Per tile: the AdamW update. FUSED: coefficients from *step and *lr (no
+ * clipping), and with `finalize` the last block writes the new step.
+ * Otherwise the coefficients come from sh.coef. */
+template <bool FUSED>
+__global__ void __launch_bounds__(AW_THREADS)
+    adamw_update_kernel(const aw_table tab, const aw_hyper h, const aw_shared sh, int finalize) {
+  __shared__ aw_coef coef_s;
+  __shared__ int32_t t_s;
+  __shared__ int is_last;
+  const int64_t tile = blockIdx.x;
+  const int tid = threadIdx.x;
+
+  /* Thread 0 fetches (or computes) the coefficients while the others'
+   * loads are in flight. */
+#define AW_FETCH_COEF()                                                            \
+  do {                                                                             \
+    if (tid == 0) {                                                                \
+      if (FUSED) {                                                                 \
+        int32_t t;                                                                 \
+        coef_s = aw_coefficients(h, *sh.step, *sh.lr, 1.0, &t);                    \
+        t_s = t;                                                                   \
+      } else {                                                                     \
+        coef_s = *sh.coef;                                                         \
+      }                                                                            \
+    }                                                                              \
+    __syncthreads();                                                               \
+  } while (0)
+
+  if (tab.count > 0 && tile < tab.tile_start[tab.count]) {
+    const int k = aw_find(tab, tile);
+    const int64_t n = tab.n[k];
+    const int64_t e0 = (tile - tab.tile_start[k]) * AW_TILE;
+    float *p = tab.p[k], *m = tab.m[k], *v = tab.v[k];
+    const float *g = tab.g[k];
+    if ((tab.vec_mask >> k) & 1u) {
+      float4 P[AW_UNROLL], G[AW_UNROLL], M[AW_UNROLL], V[AW_UNROLL];
+#pragma unroll
+      for (int u = 0; u < AW_UNROLL; u++) {
+        const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+        if (e + 4 <= n) {
+          P[u] = __ldcs((const float4 *)(p + e));
+          G[u] = __ldcs((const float4 *)(g + e));
+          M[u] = __ldcs((const float4 *)(m + e));
+          V[u] = __ldcs((const float4 *)(v + e));
+        }
+      }
+      AW_FETCH_COEF();
+      const aw_coef c = coef_s;
+      const float decay = ((tab.decay_mask >> k) & 1u) ? c.decay_factor : 1.0f;
+#pragma unroll
+      for (int u = 0; u < AW_UNROLL; u++) {
+        const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+        if (e + 4 <= n) {
+          aw_elem(P[u].x, G[u].x, M[u].x, V[u].x, c, h, decay);
+          aw_elem(P[u].y, G[u].y, M[u].y, V[u].y, c, h, decay);
+          aw_elem(P[u].z, G[u].z, M[u].z, V[u].z, c, h, decay);
+          aw_elem(P[u].w, G[u].w, M[u].w, V[u].w, c, h, decay);
+          __stcs((float4 *)(p + e), P[u]);
+          __stcs((float4 *)(m + e), M[u]);
+          __stcs((float4 *)(v + e), V[u]);
+        } else {
+          for (int64_t i = e; i < n && i < e + 4; i++) {
+            float pi = p[i], mi = m[i], vi = v[i];
+            aw_elem(pi, g[i], mi, vi, c, h, decay);
+            p[i] = pi;
+            m[i] = mi;
+            v[i] = vi;
+          }
+        }
+      }
+    } else {
+      AW_FETCH_COEF();
+      const aw_coef c = coef_s;
+      const float decay = ((tab.decay_mask >> k) & 1u) ? c.decay_factor : 1.0f;
+#pragma unroll 4
+      for (int u = 0; u < 4 * AW_UNROLL; u++) {
+        const int64_t i = e0 + (int64_t)u * AW_THREADS + tid;
+        if (i < n) {
+          float pi = p[i], mi = m[i], vi = v[i];
+          aw_elem(pi, g[i], mi, vi, c, h, decay);
+          p[i] = pi;
+          m[i] = mi;
+          v[i] = vi;
+        }
+      }
+    }
+  } else if (FUSED && finalize) {
+    AW_FETCH_COEF(); /* an empty launch still advances the step */
+  }
+#undef AW_FETCH_COEF
+  if (!FUSED || !finalize) return;
+  /* Every block read *step before taking its ticket (thread 0 used it for
+   * the coefficients), so the last one may now write it. */
+  if (tid == 0) {
+    __threadfence();
+    const unsigned prev = atomicAdd(sh.ticket, 1u);
+    is_last = prev == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (is_last && tid == 0) {
+    *sh.step = t_s;
+    *sh.ticket = 0u;
+  }
+}
+
+/* One chunk of the tensor table: host copy plus its tile count and the
+ * global index of its first tile. */
+struct aw_chunk {
+  int first, end;  /* tensor indices [first, end) of the call's table */
+  int64_t tiles, base;
+};
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Fill the kernel table of chunk c. */
+void fill_table(aw_table *tab, const mx_adamw_args *a, const aw_chunk &c) {
+  memset(tab, 0, sizeof *tab);
+  int k = 0;
+  tab->tile_start[0] = 0;
+  for (int i = c.first; i < c.end; i++) {
+    const mx_adamw_tensor *t = &a->tensors[i];
+    if (t->n == 0) continue;
+    tab->p[k] = (float *)t->param;
+    tab->g[k] = (const float *)t->grad;
+    tab->m[k] = (float *)t->m;
+    tab->v[k] = (float *)t->v;
+    tab->n[k] = t->n;
+    tab->tile_start[k + 1] = tab->tile_start[k] + (t->n + AW_TILE - 1) / AW_TILE;
+    if (t->decay) tab->decay_mask |= (uint64_t)1 << k;
+    if (aligned16(t->param) && aligned16(t->grad) && aligned16(t->m) && aligned16(t->v))
+      tab->vec_mask |= (uint64_t)1 << k;
+    k++;
+  }
+  tab->count = k;
+}
+
+/* Per-device ticket counters (0 between calls), allocated on first use
+ * under the device mutex and kept for the life of the process. */
+unsigned *g_ticket[MX_MAX_CUDA_DEVICES];
+
+} // namespace
+
 int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
-  (void)dev;
-  (void)a;
-  return mx_cuda_fail(err, MX_E_RUNTIME, "adamw: not implemented on CUDA yet");
+  if (!a || a->ntensors < 0 || (a->ntensors > 0 && !a->tensors))
+    return mx_cuda_fail(err, MX_E_ARG, "adamw: bad tensor table");
+  if (!a->lr || !a->step) return mx_cuda_fail(err, MX_E_ARG, "adamw: lr and step are required");
+  if (!(a->beta1 >= 0.0 && a->beta1 < 1.0 && a->beta2 >= 0.0 && a->beta2 < 1.0 &&
+        a->eps >= 0.0 && a->weight_decay >= 0.0 && isfinite(a->eps) &&
+        isfinite(a->weight_decay) && !isnan(a->max_norm)))
+    return mx_cuda_fail(err, MX_E_ARG, "adamw: bad hyper-parameters");
+
+  /* Chunks of at most AW_CH non-empty tensors and AW_MAX_GRID tiles. */
+  const int nt = a->ntensors;
+  int nchunks = 0;
+  int64_t total_tiles = 0;
+  {
+    int in_chunk = 0;
+    int64_t chunk_tiles = 0;
+    for (int i = 0; i < nt; i++) {
+      const mx_adamw_tensor *t = &a->tensors[i];
+      if (t->n < 0 || (t->n > 0 && (!t->param || !t->grad || !t->m || !t->v)))
+        return mx_cuda_fail(err, MX_E_ARG, "adamw: bad tensor entry %d", i);
+      if (t->n == 0) continue;
+      const int64_t tiles = (t->n + AW_TILE - 1) / AW_TILE;
+      if (tiles > AW_MAX_GRID)
+        return mx_cuda_fail(err, MX_E_ARG, "adamw: tensor %d is too large (%lld elements)", i,
+                            (long long)t->n);
+      if (in_chunk == 0 || in_chunk == AW_CH || chunk_tiles + tiles > AW_MAX_GRID) {
+        nchunks++;
+        in_chunk = 0;
+        chunk_tiles = 0;
+      }
+      in_chunk++;
+      chunk_tiles += tiles;
+      total_tiles += tiles;
+    }
+  }
+  if (nchunks == 0) nchunks = 1; /* nothing to update: one launch still advances the step */
+
+  const bool want_norm = a->grad_norm != NULL || a->max_norm > 0.0;
+  aw_hyper h;
+  h.b1 = (float)a->beta1;
+  h.omb1 = (float)(1.0 - a->beta1);
+  h.b2 = (float)a->beta2;
+  h.omb2 = (float)(1.0 - a->beta2);
+  h.eps = (float)a->eps;
+  h.beta1 = a->beta1;
+  h.beta2 = a->beta2;
+  h.wd = a->weight_decay;
+  h.max_norm = a->max_norm;
+
+  mx_cuda_dev *d = NULL;
+  int rc = mx_cuda_begin(dev, err, &d);
+  if (rc != MX_OK) return rc;
+  if (!g_ticket[d->index]) {
+    unsigned *tk = NULL;
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&tk, sizeof(unsigned), d->stream));
+    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemsetAsync(tk, 0, sizeof(unsigned), d->stream));
+    if (rc != MX_OK) {
+      if (tk) cudaFreeAsync(tk, d->stream);
+      mx_cuda_unlock(d);
+      return rc;
+    }
+    g_ticket[d->index] = tk;
+  }
+
+  aw_shared sh;
+  memset(&sh, 0, sizeof sh);
+  sh.lr = a->lr;
+  sh.step = a->step;
+  sh.grad_norm = a->grad_norm;
+  sh.ticket = g_ticket[d->index];
+  sh.total_tiles = total_tiles;
+  char *scratch = NULL;
+  if (want_norm) {
+    const size_t bytes = 256 + (size_t)(total_tiles ? total_tiles : 1) * sizeof(double);
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&scratch, bytes, d->stream));
+    if (rc != MX_OK) {
+      mx_cuda_unlock(d);
+      return rc;
+    }
+    sh.coef = (aw_coef *)scratch;
+    sh.partial = (double *)(scratch + 256);
+  }
+
+  /* The chunks again, this time launching. pass 0: sums of squares (norm
+   * mode only); pass 1: updates. */
+  static_assert(sizeof(aw_table) + sizeof(aw_hyper) + sizeof(aw_shared) + 16 <= 4096,
+                "adamw kernel parameters must stay under 4 KB");
+  aw_table tab;
+  for (int pass = want_norm ? 0 : 1; pass < 2 && rc == MX_OK; pass++) {
+    aw_chunk c = {0, 0, 0, 0};
+    int chunk_index = 0;
+    int i = 0;
+    do {
+      /* Next chunk: [i, end) holding at most AW_CH non-empty tensors. */
+      c.first = i;
+      c.base += c.tiles;
+      c.tiles = 0;
+      int in_chunk = 0;
+      while (i < nt) {
+        const int64_t n = a->tensors[i].n;
+        if (n == 0) {
+          i++;
+          continue;
+        }
+        const int64_t tiles = (n + AW_TILE - 1) / AW_TILE;
+        if (in_chunk == AW_CH || c.tiles + tiles > AW_MAX_GRID) break;
+        in_chunk++;
+        c.tiles += tiles;
+        i++;
+      }
+      c.end = i;
+      const int last = ++chunk_index == nchunks;
+      fill_table(&tab, a, c);
+      const unsigned grid = (unsigned)(c.tiles > 0 ? c.tiles : 1);
+      if (pass == 0) {
+        adamw_sumsq_kernel<<<grid, AW_THREADS, 0, d->stream>>>(tab, h, sh, c.base, last);
+        rc = MX_CUDA_LAUNCH_RC(d, err, "adamw_sumsq_kernel");
+      } else if (want_norm) {
+        if (c.tiles > 0) {
+          adamw_update_kernel<false><<<grid, AW_THREADS, 0, d->stream>>>(tab, h, sh, 0);
+          rc = MX_CUDA_LAUNCH_RC(d, err, "adamw_update_kernel");
+        }
+      } else {
+        adamw_update_kernel<true><<<grid, AW_THREADS, 0, d->stream>>>(tab, h, sh, last);
+        rc = MX_CUDA_LAUNCH_RC(d, err, "adamw_update_kernel");
+      }
+    } while (chunk_index < nchunks && rc == MX_OK);
+  }
+  if (scratch) {
+    mx_err ignored;
+    int frc = MX_CUDA_CALL(d, rc == MX_OK ? err : &ignored, cudaFreeAsync(scratch, d->stream));
+    if (rc == MX_OK) rc = frc;
+  }
+  mx_cuda_unlock(d);
+  return rc;
 }

@@ -1148,6 +1148,9 @@ static ErlNifFunc nif_funcs[] = {
     {"spin", 2, nif_spin, 0},
     {"scan_forward", 12, nif_scan_forward, 0},
     {"scan_backward", 14, nif_scan_backward, 0},
+    /* normal scheduler: moves itself to a dirty one (CPU for large host
+     * updates, IO for CUDA enqueues) after checking its arguments */
+    {"adamw_step", 9, nif_adamw_step, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

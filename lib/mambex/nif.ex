@@ -54,4 +54,7 @@ defmodule Mambex.NIF do
   def scan_backward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset, _d_out,
         _d_final_state, _ckpt),
       do: nif_error()
+
+  def adamw_step(_params, _grads, _ms, _vs, _decay, _step, _lr, _want_norm, _hyper),
+    do: nif_error()
 end
