@@ -1148,6 +1148,8 @@ static ErlNifFunc nif_funcs[] = {
     {"spin", 2, nif_spin, 0},
     {"scan_forward", 12, nif_scan_forward, 0},
     {"scan_backward", 14, nif_scan_backward, 0},
+    {"conv1d_forward", 5, nif_conv1d_forward, 0},
+    {"conv1d_backward", 10, nif_conv1d_backward, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

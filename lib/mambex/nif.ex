@@ -54,4 +54,10 @@ defmodule Mambex.NIF do
   def scan_backward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset, _d_out,
         _d_final_state, _ckpt),
       do: nif_error()
+
+  def conv1d_forward(_x, _weight, _bias, _h0, _silu), do: nif_error()
+
+  def conv1d_backward(_x, _weight, _bias, _h0, _silu, _d_out, _d_final_state, _into_weight,
+        _into_bias, _into_h0),
+      do: nif_error()
 end
