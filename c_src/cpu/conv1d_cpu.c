@@ -34,7 +34,8 @@
  *
  * A "unit" is a range of steps of one sequence: each sequence is cut into
  * nchunks chunks of tchunk steps (one chunk when B >= CV_UNITS, else enough
- * for about CV_UNITS units). The forward runs one pool item per unit; each
+ * for about CV_UNITS units, with at least CV_MIN_CHUNK steps each). The
+ * forward runs one pool item per unit; each
  * writes only its own rows (and the last unit of a sequence its final
  * state). The backward runs `items` = min(CV_UNITS, units) pool items, item i
  * taking the units [i U / items, (i+1) U / items) in order; each recomputes
@@ -63,6 +64,8 @@
 /* Units (and backward items) wanted per call: a constant, so that the
  * partial sums do not depend on the number of threads. */
 #define CV_UNITS 64
+/* Fewest steps per unit (the backward recomputes K steps past each unit). */
+#define CV_MIN_CHUNK 16
 /* Steps per recompute sub-chunk of the backward (scratch: ~(CV_SUB + 2K) rows). */
 #define CV_SUB 32
 /* Below this many multiply-adds (B L C W) a call runs on the calling thread. */
@@ -123,7 +126,7 @@ static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 /* Units of the call: chunks per sequence and steps per chunk (L >= 1). */
 static void cv_units(cv_ctx *c, int64_t B, int64_t L) {
   int64_t n = B >= CV_UNITS ? 1 : (CV_UNITS + B - 1) / (B > 0 ? B : 1);
-  if (n > L) n = L;
+  if (n > (L + CV_MIN_CHUNK - 1) / CV_MIN_CHUNK) n = (L + CV_MIN_CHUNK - 1) / CV_MIN_CHUNK;
   if (n < 1) n = 1;
   c->tchunk = (L + n - 1) / n;
   c->nchunks = (L + c->tchunk - 1) / c->tchunk;

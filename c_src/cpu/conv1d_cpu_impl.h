@@ -175,13 +175,18 @@ static void FN(reduce_item)(void *ctx, int64_t item, int worker) {
   (void)worker;
   const int64_t n = cx->items;
   REAL *dw = (REAL *)cx->dweight, *db = (REAL *)cx->dbias;
-  for (int64_t c = c0; c < c1; c++) {
-    for (int64_t j = 0; j <= W; j++) {
-      REAL *dst = j < W ? (dw ? dw + c * W + j : NULL) : db ? db + c : NULL;
-      if (!dst) continue;
-      REAL s = part[j * C + c];
-      for (int64_t i = 1; i < n; i++) s += part[(i * (W + 1) + j) * C + c];
-      *dst = cx->accumulate ? *dst + s : s;
+  REAL sum[64];
+  for (int64_t j = 0; j <= W; j++) {
+    if (j < W ? !dw : !db) continue;
+    /* items in order, channels innermost (contiguous) */
+    for (int64_t c = c0; c < c1; c++) sum[c - c0] = part[j * C + c];
+    for (int64_t i = 1; i < n; i++) {
+      const REAL *restrict pi = part + (i * (W + 1) + j) * C;
+      for (int64_t c = c0; c < c1; c++) sum[c - c0] += pi[c];
+    }
+    for (int64_t c = c0; c < c1; c++) {
+      REAL *dst = j < W ? dw + c * W + j : db + c;
+      *dst = cx->accumulate ? *dst + sum[c - c0] : sum[c - c0];
     }
   }
 }

@@ -5,14 +5,16 @@
  * Types: io (x, out, d_out, dx) f32 or bf16; param (weight, bias, states and
  * their gradients) f32; all math in fp32.
  *
- * Work split. A "lane" is one thread's channels: VEC = 4 consecutive
- * channels when C % 4 == 0 and the io pointers allow 16-byte (f32) or
- * 8-byte (bf16) accesses, else VEC = 1. An "item" is a tile of TT
- * consecutive steps of one sequence: item = b * ntt + tile, TT = 16 (32 for
- * very large calls). Blocks are (TX, TY) = 256 threads: TX lanes along the
- * channels (a warp reads 32 consecutive lanes of one row: coalesced) and TY
- * items. The grid is (lane tiles, item groups), item groups folded onto
- * gridDim.y <= 65535 by a grid-stride loop.
+ * Work split. A "lane" is one thread's channels: VEC consecutive channels
+ * (forward 4, backward 2: one 16/8-byte f32 or 8/4-byte bf16 access) when C
+ * is a multiple of VEC and the io pointers are aligned for it, else one
+ * channel. An "item" is a tile of TT consecutive steps of one sequence:
+ * item = b * ntt + tile; TT is the longest of 4, 8, 16, 32 that still gives
+ * about 2^18 threads (cv_layout; a function of the shapes only). Blocks are
+ * (TX, TY) = CV_BLOCK (128) threads: TX lanes along the channels (a warp
+ * reads consecutive lanes of one row: coalesced) and TY items. The grid is
+ * (lane tiles, item groups), item groups folded onto gridDim.y <= 65535 by a
+ * grid-stride loop.
  *
  * Forward: a thread keeps the last W inputs of its lane in registers (the
  * K = W - 1 before its tile come from x or the initial state), loads its
@@ -43,8 +45,12 @@
 
 #define CV_MAX_W 8
 #define CV_MAX_GROUPS 1024
-#define CV_UNR 4 /* rows loaded ahead of the arithmetic */
+/* Rows loaded ahead of the arithmetic: forward, backward (two rows each). */
+#define CV_UNR_FWD 8
+#define CV_UNR_BWD 4
 #define CV_GRID_Y 65535
+/* Threads per block of the conv kernels (TX * TY). */
+#define CV_BLOCK 128
 
 struct cv_params {
   const void *x;       /* (B, L, C) io */
@@ -80,6 +86,13 @@ MX_DEV void cv_load(const typename IO::T *p, float (&v)[VEC]) {
     v[1] = IO::load((uint16_t)(q.x >> 16));
     v[2] = IO::load((uint16_t)(q.y & 0xffffu));
     v[3] = IO::load((uint16_t)(q.y >> 16));
+  } else if constexpr (VEC == 2 && sizeof(typename IO::T) == 4) {
+    const float2 q = *reinterpret_cast<const float2 *>(p);
+    v[0] = q.x; v[1] = q.y;
+  } else if constexpr (VEC == 2) {
+    const uint32_t q = *reinterpret_cast<const uint32_t *>(p);
+    v[0] = IO::load((uint16_t)(q & 0xffffu));
+    v[1] = IO::load((uint16_t)(q >> 16));
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; i++) v[i] = IO::load(p[i]);
@@ -95,13 +108,20 @@ MX_DEV void cv_store(typename IO::T *p, const float (&v)[VEC]) {
     q.x = (uint32_t)IO::store(v[0]) | ((uint32_t)IO::store(v[1]) << 16);
     q.y = (uint32_t)IO::store(v[2]) | ((uint32_t)IO::store(v[3]) << 16);
     *reinterpret_cast<uint2 *>(p) = q;
+  } else if constexpr (VEC == 2 && sizeof(typename IO::T) == 4) {
+    *reinterpret_cast<float2 *>(p) = make_float2(v[0], v[1]);
+  } else if constexpr (VEC == 2) {
+    *reinterpret_cast<uint32_t *>(p) =
+        (uint32_t)IO::store(v[0]) | ((uint32_t)IO::store(v[1]) << 16);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; i++) p[i] = IO::store(v[i]);
   }
 }
 
-MX_DEV float cv_sigmoid(float p) { return 1.0f / (1.0f + expf(-p)); }
+/* sigmoid with the fast exp and reciprocal (relative error ~1e-6; p -> -inf
+ * gives 0, p -> +inf gives 1) */
+MX_DEV float cv_sigmoid(float p) { return __frcp_rn(1.0f + __expf(-p)); }
 
 /* The thread's weights (W, VEC) and bias (VEC). */
 template <int W, int VEC>
@@ -164,7 +184,8 @@ MX_DEV void cv_pre(const float (&w)[W][VEC], const float (&bias)[VEC], const flo
 /* ---- forward ------------------------------------------------------------- */
 
 template <class IO, int W, int VEC>
-static __global__ void __launch_bounds__(MX_BLOCK) cv_forward_kernel(cv_params p) {
+static __global__ void __launch_bounds__(CV_BLOCK, 4) cv_forward_kernel(cv_params p) {
+  constexpr int CV_UNR = CV_UNR_FWD;
   typedef typename IO::T T;
   constexpr int K = W - 1;
   const int64_t lane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -214,7 +235,8 @@ static __global__ void __launch_bounds__(MX_BLOCK) cv_forward_kernel(cv_params p
 /* ---- backward ------------------------------------------------------------ */
 
 template <class IO, int W, int VEC>
-static __global__ void __launch_bounds__(MX_BLOCK) cv_backward_kernel(cv_params p) {
+static __global__ void __launch_bounds__(CV_BLOCK, 4) cv_backward_kernel(cv_params p) {
+  constexpr int CV_UNR = CV_UNR_BWD;
   typedef typename IO::T T;
   constexpr int K = W - 1;
   constexpr int NP = (W + 1) * VEC; /* partial sums per thread */
@@ -406,20 +428,24 @@ static bool cv_aligned(const void *ptr, size_t bytes) {
   return ptr == NULL || ((uintptr_t)ptr % bytes) == 0;
 }
 
-/* Lanes, tiles and the block shape; returns VEC. */
+/* Lanes, tiles and the block shape for vectors of up to max_vec channels;
+ * returns VEC. Tiles of 4 to 32 steps: the longest that still gives about
+ * 2^18 threads (enough loads in flight to cover the memory latency). */
 static int cv_layout(const mx_conv1d_args *a, const void *const *io_ptrs, int n_ptrs,
-                     cv_params *p, dim3 *block) {
+                     int max_vec, cv_params *p, dim3 *block) {
   const size_t es = mx_dtype_size(a->io);
-  int vec = a->channels % 4 == 0 ? 4 : 1;
-  for (int i = 0; i < n_ptrs && vec == 4; i++)
-    if (!cv_aligned(io_ptrs[i], 4 * es)) vec = 1;
+  int vec = a->channels % max_vec == 0 ? max_vec : 1;
+  for (int i = 0; i < n_ptrs && vec > 1; i++)
+    if (!cv_aligned(io_ptrs[i], vec * es)) vec = 1;
   p->B = a->batch;
   p->L = a->len;
   p->C = a->channels;
   p->lanes = (a->channels + vec - 1) / vec;
-  /* 16-step tiles; 32 when there are threads enough for several waves */
-  const double threads16 = (double)p->lanes * (double)a->batch * (double)((a->len + 15) / 16);
-  p->tt = threads16 >= (double)(1 << 19) ? 32 : 16;
+  p->tt = 4;
+  while (p->tt < 32 && (double)p->lanes * (double)a->batch *
+                               (double)((a->len + 2 * p->tt - 1) / (2 * p->tt)) >=
+                           (double)(1 << 18))
+    p->tt *= 2;
   p->ntt = (a->len + p->tt - 1) / p->tt;
   p->items = a->batch * p->ntt;
   p->silu = a->silu;
@@ -429,7 +455,7 @@ static int cv_layout(const mx_conv1d_args *a, const void *const *io_ptrs, int n_
   p->h0 = (const float *)a->h0;
   unsigned tx = 1;
   while (tx < 32 && (int64_t)tx < p->lanes) tx *= 2;
-  *block = dim3(tx, MX_BLOCK / tx);
+  *block = dim3(tx, CV_BLOCK / tx);
   return vec;
 }
 
@@ -449,7 +475,7 @@ static void cv_forward_w(int W, const cv_params &p, dim3 grid, dim3 block, cudaS
 
 template <class IO, int VEC>
 static void cv_backward_w(int W, const cv_params &p, dim3 grid, dim3 block, cudaStream_t s) {
-  const size_t smem = p.part ? (size_t)MX_BLOCK * (W + 1) * VEC * sizeof(float) : 0;
+  const size_t smem = p.part ? (size_t)CV_BLOCK * (W + 1) * VEC * sizeof(float) : 0;
   switch (W) {
     case 1: cv_backward_kernel<IO, 1, VEC><<<grid, block, smem, s>>>(p); break;
     case 2: cv_backward_kernel<IO, 2, VEC><<<grid, block, smem, s>>>(p); break;
@@ -491,7 +517,7 @@ int mx_cuda_conv1d_forward(int dev, const mx_conv1d_args *a, void *out, void *h_
   memset(&p, 0, sizeof p);
   const void *ptrs[2] = {a->x, out};
   dim3 block;
-  const int vec = cv_layout(a, ptrs, 2, &p, &block);
+  const int vec = cv_layout(a, ptrs, 2, 4, &p, &block);
   p.out = out;
   p.h_last = (float *)h_last;
   const int64_t ygroups = (p.items + block.y - 1) / block.y;
@@ -537,7 +563,7 @@ int mx_cuda_conv1d_backward(int dev, const mx_conv1d_args *a, const void *d_out,
   memset(&p, 0, sizeof p);
   const void *ptrs[3] = {a->x, d_out, dx};
   dim3 block;
-  const int vec = cv_layout(a, ptrs, 3, &p, &block);
+  const int vec = cv_layout(a, ptrs, 3, 2, &p, &block);
   p.dout = d_out;
   p.dh_last = (const float *)dh_last;
   p.dx = dx;
@@ -560,10 +586,10 @@ int mx_cuda_conv1d_backward(int dev, const mx_conv1d_args *a, const void *d_out,
   }
   dim3 grid(cv_lane_blocks(p, block), (unsigned)(p.groups < CV_GRID_Y ? p.groups : CV_GRID_Y));
   if (a->io == MX_F32) {
-    if (vec == 4) cv_backward_w<mx_t_f32, 4>((int)W, p, grid, block, d->stream);
+    if (vec == 2) cv_backward_w<mx_t_f32, 2>((int)W, p, grid, block, d->stream);
     else cv_backward_w<mx_t_f32, 1>((int)W, p, grid, block, d->stream);
   } else {
-    if (vec == 4) cv_backward_w<mx_t_bf16, 4>((int)W, p, grid, block, d->stream);
+    if (vec == 2) cv_backward_w<mx_t_bf16, 2>((int)W, p, grid, block, d->stream);
     else cv_backward_w<mx_t_bf16, 1>((int)W, p, grid, block, d->stream);
   }
   rc = MX_CUDA_LAUNCH_RC(d, err, "cv_backward_kernel");
