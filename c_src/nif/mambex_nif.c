@@ -1151,6 +1151,8 @@ static ErlNifFunc nif_funcs[] = {
     /* normal scheduler: moves itself to a dirty one (CPU for large host
      * updates, IO for CUDA enqueues) after checking its arguments */
     {"adamw_step", 9, nif_adamw_step, 0},
+    {"conv1d_forward", 5, nif_conv1d_forward, 0},
+    {"conv1d_backward", 10, nif_conv1d_backward, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

@@ -62,6 +62,9 @@ ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
 
 /* The AdamW NIF (adamw_nif.c), registered in mambex_nif.c. */
 ERL_NIF_TERM nif_adamw_step(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+/* The causal depthwise conv1d NIFs (conv1d_nif.c). */
+ERL_NIF_TERM nif_conv1d_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_conv1d_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 

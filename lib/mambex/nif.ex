@@ -57,4 +57,9 @@ defmodule Mambex.NIF do
 
   def adamw_step(_params, _grads, _ms, _vs, _decay, _step, _lr, _want_norm, _hyper),
     do: nif_error()
+  def conv1d_forward(_x, _weight, _bias, _h0, _silu), do: nif_error()
+
+  def conv1d_backward(_x, _weight, _bias, _h0, _silu, _d_out, _d_final_state, _into_weight,
+        _into_bias, _into_h0),
+      do: nif_error()
 end
