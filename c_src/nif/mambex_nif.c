@@ -1148,6 +1148,12 @@ static ErlNifFunc nif_funcs[] = {
     {"spin", 2, nif_spin, 0},
     {"scan_forward", 12, nif_scan_forward, 0},
     {"scan_backward", 14, nif_scan_backward, 0},
+    {"norm_forward", 6, nif_norm_forward, 0},
+    {"norm_backward", 10, nif_norm_backward, 0},
+    {"act_forward", 2, nif_act_forward, 0},
+    {"act_backward", 3, nif_act_backward, 0},
+    {"swiglu_forward", 2, nif_swiglu_forward, 0},
+    {"swiglu_backward", 3, nif_swiglu_backward, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

@@ -60,6 +60,14 @@ int get_axis(ErlNifEnv *env, ERL_NIF_TERM term, int rank, int *axis);
 ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
+/* The norm NIFs (norm_nif.c) and activation NIFs (activation_nif.c). */
+ERL_NIF_TERM nif_norm_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_norm_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_act_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_act_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_swiglu_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_swiglu_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 
 #define GET_TENSOR(term, t, s, argname)                                                   \
