@@ -11,8 +11,11 @@
  *                 gelu' = (1 + t) / 2 + x (1 - t^2) k (1 + 3 c x^2) / 2,  t = tanh(u)
  *   swiglu(a, b) = silu(a) b:  da = dout b silu'(a),  db = dout silu(a)
  *
- * sigmoid is evaluated as 1 / (1 + e^-x) for x >= 0 and e^x / (1 + e^x)
- * below, so that no exp overflows. Elementwise: every output element depends
+ * Evaluation: with e = exp(-|x|), sigmoid(x) and 1 - sigmoid(x) are 1/(1+e)
+ * and e/(1+e) (in the order the sign of x says): no overflow and no
+ * cancellation. GELU is evaluated as x sigmoid(2u) (= x (1 + tanh u) / 2)
+ * and its derivative as s + 2 k x s (1 - s)(1 + 3 c x^2), s = sigmoid(2u),
+ * the same functions without the cancellation of 1 + tanh(u) for x << 0. Elementwise: every output element depends
  * on its inputs only; big calls are cut into fixed chunks run on the pool
  * (cpu_pool.h), so results do not depend on the number of threads.
  */
@@ -35,41 +38,46 @@ static int act_fail(mx_err *err, const char *op, const char *msg) {
   return MX_E_ARG;
 }
 
-/* The scalar functions, once per float type. */
-#define DEFINE_ACT_MATH(T, SFX, EXP, LOG1P, TANH)                                        \
+/* The scalar functions, once per float type. sig2 gives sigmoid(x) and
+ * 1 - sigmoid(x) from one e = exp(-|x|), both without cancellation. GELU
+ * uses 1 + tanh(u) = 2 sigmoid(2u) and 1 - tanh(u)^2 = 4 sigmoid(2u)
+ * (1 - sigmoid(2u)), so that its left tail keeps full relative precision. */
+#define DEFINE_ACT_MATH(T, SFX, EXP, LOG1P)                                              \
+  static inline void sig2_##SFX(T x, T *s, T *sm) {                                     \
+    T e = EXP(x >= 0 ? -x : x);                                                         \
+    T r = (T)1 / ((T)1 + e);                                                            \
+    *s = x >= 0 ? r : e * r;                                                            \
+    *sm = x >= 0 ? e * r : r;                                                           \
+  }                                                                                     \
   static inline T sigm_##SFX(T x) {                                                     \
-    if (x >= 0) return (T)1 / ((T)1 + EXP(-x));                                         \
-    T e = EXP(x);                                                                       \
-    return e / ((T)1 + e);                                                              \
+    T s, sm;                                                                            \
+    sig2_##SFX(x, &s, &sm);                                                             \
+    return s;                                                                           \
   }                                                                                     \
   static inline T act_f_##SFX(int act, T x) {                                           \
     switch (act) {                                                                      \
       case MX_ACT_SILU: return x * sigm_##SFX(x);                                       \
-      case MX_ACT_GELU_TANH: {                                                          \
-        T t = TANH((T)GELU_K * (x + (T)GELU_C * x * x * x));                            \
-        return (T)0.5 * x * ((T)1 + t);                                                 \
-      }                                                                                 \
+      case MX_ACT_GELU_TANH:                                                            \
+        return x * sigm_##SFX((T)(2 * GELU_K) * (x + (T)GELU_C * x * x * x));           \
       case MX_ACT_SOFTPLUS: return x > (T)20 ? x : LOG1P(EXP(x));                       \
       default: return sigm_##SFX(x);                                                    \
     }                                                                                   \
   }                                                                                     \
   static inline T act_df_##SFX(int act, T x) {                                          \
+    T s, sm;                                                                            \
     switch (act) {                                                                      \
-      case MX_ACT_SILU: {                                                               \
-        T s = sigm_##SFX(x);                                                            \
-        return s * ((T)1 + x * ((T)1 - s));                                             \
-      }                                                                                 \
+      case MX_ACT_SILU:                                                                 \
+        sig2_##SFX(x, &s, &sm);                                                         \
+        return s * ((T)1 + x * sm);                                                     \
       case MX_ACT_GELU_TANH: {                                                          \
         T x2 = x * x;                                                                   \
-        T t = TANH((T)GELU_K * (x + (T)GELU_C * x2 * x));                               \
-        return (T)0.5 * ((T)1 + t) +                                                    \
-               (T)0.5 * x * ((T)1 - t * t) * (T)GELU_K * ((T)1 + (T)(3 * GELU_C) * x2); \
+        sig2_##SFX((T)(2 * GELU_K) * (x + (T)GELU_C * x2 * x), &s, &sm);                \
+        return s + (T)(2 * GELU_K) * x * s * sm * ((T)1 + (T)(3 * GELU_C) * x2);        \
       }                                                                                 \
       case MX_ACT_SOFTPLUS: return x > (T)20 ? (T)1 : sigm_##SFX(x);                    \
-      default: {                                                                        \
-        T s = sigm_##SFX(x);                                                            \
-        return s * ((T)1 - s);                                                          \
-      }                                                                                 \
+      default:                                                                          \
+        sig2_##SFX(x, &s, &sm);                                                         \
+        return s * sm;                                                                  \
     }                                                                                   \
   }                                                                                     \
   /* kind: 0 act fwd, 1 act bwd, 2 swiglu fwd, 3 swiglu bwd; [i0, i1) */              \
@@ -88,16 +96,17 @@ static int act_fail(mx_err *err, const char *op, const char *msg) {
         break;                                                                          \
       default:                                                                          \
         for (size_t i = i0; i < i1; i++) {                                              \
-          T a = p0[i], s = sigm_##SFX(a), g = p2[i];                                    \
-          o0[i] = g * p1[i] * (s * ((T)1 + a * ((T)1 - s)));                            \
+          T a = p0[i], s, sm, g = p2[i];                                                \
+          sig2_##SFX(a, &s, &sm);                                                       \
+          o0[i] = g * p1[i] * (s * ((T)1 + a * sm));                                    \
           o1[i] = g * (a * s);                                                          \
         }                                                                               \
         break;                                                                          \
     }                                                                                   \
   }
 
-DEFINE_ACT_MATH(float, f32, expf, log1pf, tanhf)
-DEFINE_ACT_MATH(double, f64, exp, log1p, tanh)
+DEFINE_ACT_MATH(float, f32, expf, log1pf)
+DEFINE_ACT_MATH(double, f64, exp, log1p)
 
 typedef struct {
   int kind, act, dtype;

@@ -1,9 +1,10 @@
 /*
  * activation.cu: pointwise activations (SiLU, GELU tanh form, softplus,
  * sigmoid) and SwiGLU, forward and backward, on CUDA; io f32 or bf16, math in
- * fp32. Formulas as in c_src/cpu/activation_cpu.c:
+ * fp32. Formulas and their evaluation (sigmoid and 1 - sigmoid from one
+ * exp(-|x|); GELU as x sigmoid(2u)) as in c_src/cpu/activation_cpu.c:
  *
- *   sigmoid(x) = 1 / (1 + exp(-x))          (exp(-x) = inf gives 0, no NaN)
+ *   sigmoid(x) = 1 / (1 + exp(-x))
  *   silu(x) = x sigmoid(x);  silu' = s (1 + x (1 - s))
  *   softplus(x) = log1p(exp(x)), x where x > 20;  softplus' = sigmoid, 1 above 20
  *   gelu(x) = x (1 + tanh(k (x + c x^3))) / 2;    gelu' = (1 + t) / 2 + x (1 - t^2) k (1 + 3 c x^2) / 2
@@ -26,15 +27,28 @@
  * (a, b, dout -> da, db). */
 enum { K_FWD = 0, K_BWD = 1, K_SWIGLU = 2, K_SWIGLU_BWD = 3 };
 
-MX_DEV float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* sigmoid(x) and 1 - sigmoid(x) from one e = exp(-|x|), without
+ * cancellation. */
+MX_DEV void sig2(float x, float &s, float &sm) {
+  const float e = expf(-fabsf(x));
+  const float r = 1.0f / (1.0f + e);
+  s = x >= 0.0f ? r : e * r;
+  sm = x >= 0.0f ? e * r : r;
+}
 
+MX_DEV float sigm(float x) {
+  float s, sm;
+  sig2(x, s, sm);
+  return s;
+}
+
+/* GELU as x sigmoid(2u), 2u = 2k (x + c x^3): 1 + tanh(u) = 2 sigmoid(2u). */
 template <int ACT>
 MX_DEV float act_f(float x) {
   if constexpr (ACT == MX_ACT_SILU) {
     return x * sigm(x);
   } else if constexpr (ACT == MX_ACT_GELU_TANH) {
-    const float t = tanhf(GELU_K * (x + GELU_C * x * x * x));
-    return 0.5f * x * (1.0f + t);
+    return x * sigm(2.0f * GELU_K * (x + GELU_C * x * x * x));
   } else if constexpr (ACT == MX_ACT_SOFTPLUS) {
     return x > 20.0f ? x : log1pf(expf(x));
   } else {
@@ -44,18 +58,19 @@ MX_DEV float act_f(float x) {
 
 template <int ACT>
 MX_DEV float act_df(float x) {
+  float s, sm;
   if constexpr (ACT == MX_ACT_SILU) {
-    const float s = sigm(x);
-    return s * (1.0f + x * (1.0f - s));
+    sig2(x, s, sm);
+    return s * (1.0f + x * sm);
   } else if constexpr (ACT == MX_ACT_GELU_TANH) {
     const float x2 = x * x;
-    const float t = tanhf(GELU_K * (x + GELU_C * x2 * x));
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_C * x2);
+    sig2(2.0f * GELU_K * (x + GELU_C * x2 * x), s, sm);
+    return s + 2.0f * GELU_K * x * s * sm * (1.0f + 3.0f * GELU_C * x2);
   } else if constexpr (ACT == MX_ACT_SOFTPLUS) {
     return x > 20.0f ? 1.0f : sigm(x);
   } else {
-    const float s = sigm(x);
-    return s * (1.0f - s);
+    sig2(x, s, sm);
+    return s * sm;
   }
 }
 
@@ -69,8 +84,9 @@ MX_DEV void elem(float p0, float p1, float p2, float &o0, float &o1) {
   } else if constexpr (KIND == K_SWIGLU) {
     o0 = p0 * sigm(p0) * p1;
   } else {
-    const float s = sigm(p0);
-    o0 = p2 * p1 * (s * (1.0f + p0 * (1.0f - s)));
+    float s, sm;
+    sig2(p0, s, sm);
+    o0 = p2 * p1 * (s * (1.0f + p0 * sm));
     o1 = p2 * (p0 * s);
   }
   (void)p1;

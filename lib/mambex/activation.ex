@@ -24,9 +24,12 @@ defmodule Mambex.Activation do
   ## Numerics
 
   Computed in fp32 (fp64 for f64) with the accurate library functions
-  (`expf`, `tanhf`, `log1pf`), sigmoid without overflow (`e^x / (1 + e^x)`
-  for negative x). Relative error against a float64 reference: about 1e-7
-  for f32, 1e-2 for bf16 (one bf16 rounding of the output).
+  (`expf`, `log1pf`). `sigmoid(x)` and `1 − sigmoid(x)` both come from
+  `e = exp(−|x|)` as `1/(1+e)` and `e/(1+e)`: no overflow, no cancellation.
+  GELU is evaluated as `x · sigmoid(2u)` (`1 + tanh(u) = 2 sigmoid(2u)`),
+  the same function without the cancellation of `1 + tanh(u)` in its left
+  tail. Relative error against a float64 reference: about 1e-7 for f32,
+  1e-2 for bf16 (one bf16 rounding of the output).
 
   ## Performance
 
