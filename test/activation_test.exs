@@ -40,7 +40,10 @@ defmodule Mambex.ActivationTest do
   defp inputs(n, type) do
     wide = [25.0, -30.0, 21.5, -21.5, 19.5, 8.0, -8.0]
     base = rand_values(n, type, lo: 0.01, hi: 6.0)
-    Enum.with_index(base, fn v, i -> if rem(i, 13) == 5, do: quantize(Enum.at(wide, rem(i, 7)), type), else: v end)
+
+    Enum.with_index(base, fn v, i ->
+      if rem(i, 13) == 5, do: quantize(Enum.at(wide, rem(i, 7)), type), else: v
+    end)
   end
 
   defp check_acts(device, shape, type) do
@@ -53,7 +56,14 @@ defmodule Mambex.ActivationTest do
     for act <- @acts do
       y = fwd(act, x)
       assert y.shape == shape and y.type == type and y.device == device
-      check(read(y), Enum.map(xs, &Ref.act(act, &1)), tol(type), "#{act} #{inspect(shape)} #{inspect(type)}")
+
+      check(
+        read(y),
+        Enum.map(xs, &Ref.act(act, &1)),
+        tol(type),
+        "#{act} #{inspect(shape)} #{inspect(type)}"
+      )
+
       dx = bwd(act, x, dy)
       ref = Enum.zip_with(xs, dys, fn v, g -> g * Ref.dact(act, v) end)
       check(read(dx), ref, tol(type), "#{act}_backward #{inspect(shape)} #{inspect(type)}")
@@ -103,7 +113,14 @@ defmodule Mambex.ActivationTest do
 
       t = fn vals -> make(vals, {:f, 64}, {length(vals)}, :cpu) end
       lib = fn vals -> read(fwd(act, t.(vals))) end
-      lib_numeric = Enum.zip_with(lib.(Enum.map(xs, &(&1 + h))), lib.(Enum.map(xs, &(&1 - h))), &((&1 - &2) / (2 * h)))
+
+      lib_numeric =
+        Enum.zip_with(
+          lib.(Enum.map(xs, &(&1 + h))),
+          lib.(Enum.map(xs, &(&1 - h))),
+          &((&1 - &2) / (2 * h))
+        )
+
       ones = List.duplicate(1.0, length(xs))
       check(read(bwd(act, t.(xs), t.(ones))), lib_numeric, 1.0e-7, "f64 #{act}_backward")
     end
@@ -115,8 +132,22 @@ defmodule Mambex.ActivationTest do
     out = fn a, b -> Enum.zip_with(read(Activation.swiglu(t.(a), t.(b))), gs, &(&1 * &2)) end
     {da, db} = Activation.swiglu_backward(t.(xs), t.(bs), t.(gs))
 
-    nda = Enum.zip_with([out.(Enum.map(xs, &(&1 + h)), bs), out.(Enum.map(xs, &(&1 - h)), bs)], fn [p, m] -> (p - m) / (2 * h) end)
-    ndb = Enum.zip_with([out.(xs, Enum.map(bs, &(&1 + h))), out.(xs, Enum.map(bs, &(&1 - h)))], fn [p, m] -> (p - m) / (2 * h) end)
+    nda =
+      Enum.zip_with([out.(Enum.map(xs, &(&1 + h)), bs), out.(Enum.map(xs, &(&1 - h)), bs)], fn [
+                                                                                                 p,
+                                                                                                 m
+                                                                                               ] ->
+        (p - m) / (2 * h)
+      end)
+
+    ndb =
+      Enum.zip_with([out.(xs, Enum.map(bs, &(&1 + h))), out.(xs, Enum.map(bs, &(&1 - h)))], fn [
+                                                                                                 p,
+                                                                                                 m
+                                                                                               ] ->
+        (p - m) / (2 * h)
+      end)
+
     check(read(da), nda, 1.0e-7, "f64 swiglu da")
     check(read(db), ndb, 1.0e-7, "f64 swiglu db")
     {rda, rdb} = Ref.swiglu_backward(xs, bs, gs)
@@ -132,12 +163,18 @@ defmodule Mambex.ActivationTest do
     run = fn ->
       outs = for act <- @acts, do: [fwd(act, x), bwd(act, x, b)]
       {da, db} = Activation.swiglu_backward(x, b, x)
-      (outs ++ [Activation.swiglu(x, b), da, db]) |> List.flatten() |> Enum.map(&Tensor.to_binary/1)
+
+      (outs ++ [Activation.swiglu(x, b), da, db])
+      |> List.flatten()
+      |> Enum.map(&Tensor.to_binary/1)
     end
 
     first = run.()
     assert run.() == first
-    concurrent = 1..3 |> Enum.map(fn _ -> Task.async(run) end) |> Enum.map(&Task.await(&1, 60_000))
+
+    concurrent =
+      1..3 |> Enum.map(fn _ -> Task.async(run) end) |> Enum.map(&Task.await(&1, 60_000))
+
     assert Enum.all?(concurrent, &(&1 == first))
   end
 
@@ -190,11 +227,13 @@ defmodule Mambex.ActivationTest do
     @describetag :cuda
 
     test "f32 against the float64 reference (vector path and odd tails)" do
-      for shape <- [{1}, {3}, {7}, {3, 5, 11}, {301, 257}, {4096}], do: check_acts(cuda_device(), shape, {:f, 32})
+      for shape <- [{1}, {3}, {7}, {3, 5, 11}, {301, 257}, {4096}],
+          do: check_acts(cuda_device(), shape, {:f, 32})
     end
 
     test "bf16 against the float64 reference (1e-2)" do
-      for shape <- [{5}, {3, 5, 11}, {301, 257}], cuda_device() != :cpu,
+      for shape <- [{5}, {3, 5, 11}, {301, 257}],
+          cuda_device() != :cpu,
           do: check_acts(cuda_device(), shape, {:bf, 16})
     end
 
@@ -211,7 +250,9 @@ defmodule Mambex.ActivationTest do
         (outs ++ [Activation.swiglu(x, dy), da, db]) |> List.flatten() |> Enum.map(&read/1)
       end
 
-      Enum.zip_with(run.(:cpu), run.(cuda_device()), fn c, g -> check(g, c, 1.0e-6, "CPU vs CUDA") end)
+      Enum.zip_with(run.(:cpu), run.(cuda_device()), fn c, g ->
+        check(g, c, 1.0e-6, "CPU vs CUDA")
+      end)
     end
 
     test "bit-identical reruns" do
@@ -226,8 +267,15 @@ defmodule Mambex.ActivationTest do
       dev = cuda_device()
 
       if dev != :cpu do
-        raises_naming(fn -> Activation.silu(Tensor.zeros({4}, type: {:f, 64}, device: dev)) end, "x")
-        raises_naming(fn -> Activation.swiglu(Tensor.zeros({4}, device: dev), Tensor.zeros({4})) end, "b")
+        raises_naming(
+          fn -> Activation.silu(Tensor.zeros({4}, type: {:f, 64}, device: dev)) end,
+          "x"
+        )
+
+        raises_naming(
+          fn -> Activation.swiglu(Tensor.zeros({4}, device: dev), Tensor.zeros({4})) end,
+          "b"
+        )
       end
     end
   end
@@ -252,7 +300,10 @@ defmodule Mambex.ActivationLeakTest do
       end
 
       Activation.swiglu_backward(x, x, Activation.swiglu(x, x))
-      assert_raise ArgumentError, fn -> Activation.swiglu(x, Tensor.zeros({3}, device: device)) end
+
+      assert_raise ArgumentError, fn ->
+        Activation.swiglu(x, Tensor.zeros({3}, device: device))
+      end
     end
 
     after_ = settled_stats(device, base)

@@ -118,6 +118,7 @@ defmodule Mambex.NormTest do
     assert y.shape == shape and y.type == io
     check(read(y), ref.y, fwd_tol(io), "y " <> l)
     check(read(ctx.rstd), ref.rstd, fwd_tol(io), "rstd " <> l)
+
     if kind == :layer_norm do
       # a row's mean is a sum of terms of either sign: its scale is mean(|s|)
       mean_terms =
@@ -158,14 +159,22 @@ defmodule Mambex.NormTest do
     end
   end
 
-  @shapes [{1, 1}, {3, 3}, {2, 3, 100}, {5, 257}, {1, 1000}, {4, 256}, {1, 64}, {33, 12}]
+  @shapes [{7}, {1, 1}, {3, 3}, {2, 3, 100}, {5, 257}, {1, 1000}, {4, 256}, {1, 64}, {33, 12}]
 
   describe "f32 on the CPU against the float64 reference" do
     for shape <- @shapes do
       test "shape #{inspect(shape)}" do
         for {{kind, res, bias}, i} <- Enum.with_index(@variants) do
-          check_case(:cpu, kind, unquote(Macro.escape(shape)), {:f, 32}, {:f, 32}, res, bias,
-            rem(i, 2) == 1)
+          check_case(
+            :cpu,
+            kind,
+            unquote(Macro.escape(shape)),
+            {:f, 32},
+            {:f, 32},
+            res,
+            bias,
+            rem(i, 2) == 1
+          )
         end
       end
     end
@@ -209,8 +218,12 @@ defmodule Mambex.NormTest do
           (loss.(plus) - loss.(minus)) / (2 * h)
         end
 
-      check(analytic[key], numeric, 1.0e-6,
-        "finite differences of #{key}, #{kind} residual=#{residual?} bias=#{bias?} (seed #{base_seed()})")
+      check(
+        analytic[key],
+        numeric,
+        1.0e-6,
+        "finite differences of #{key}, #{kind} residual=#{residual?} bias=#{bias?} (seed #{base_seed()})"
+      )
     end
   end
 
@@ -374,7 +387,14 @@ defmodule Mambex.NormTest do
     raises_naming(fn -> Norm.rms_norm(t.x, t.w, bias: t.b) end, "bias")
     raises_naming(fn -> Norm.rms_norm(t.x, t.w, [:bad]) end, "options")
     raises_naming(fn -> Norm.rms_norm(Tensor.zeros({3, 0}), Tensor.zeros({0})) end, "x")
-    raises_naming(fn -> Norm.rms_norm(Tensor.from_binary(<<1.0::float-32-native>>, {:f, 32}, shape: {}), t.w) end, "x")
+
+    raises_naming(
+      fn ->
+        Norm.rms_norm(Tensor.from_binary(<<1.0::float-32-native>>, {:f, 32}, shape: {}), t.w)
+      end,
+      "x"
+    )
+
     raises_naming(fn -> Norm.add_rms_norm(t.x, nil, t.w) end, "residual")
     raises_naming(fn -> Norm.add_rms_norm(t.x, x35, t.w) end, "residual")
     raises_naming(fn -> Norm.add_rms_norm(t.x, f64, t.w) end, "residual")
@@ -469,13 +489,21 @@ defmodule Mambex.NormTest do
       for shape <- [{5, 257}, {300, 256}, {4, 1024}],
           {kind, res, bias} <- @variants do
         d = case_data(shape, {:f, 32}, {:f, 32}, res, bias, res)
+
         outs =
           for dev <- [:cpu, cuda_device()] do
             t = tensors(d, dev)
             {y, s, ctx} = forward(kind, t)
             g = Norm.backward(ctx, t.dy, d_sum: t.d_sum)
-            %{y: read(y), s: s && read(s), rstd: read(ctx.rstd), dx: read(g.x), dw: read(g.weight),
-              db: g[:bias] && read(g.bias)}
+
+            %{
+              y: read(y),
+              s: s && read(s),
+              rstd: read(ctx.rstd),
+              dx: read(g.x),
+              dw: read(g.weight),
+              db: g[:bias] && read(g.bias)
+            }
           end
 
         [c, g] = outs
@@ -529,7 +557,10 @@ defmodule Mambex.NormLeakTest do
   defp leak_check(device) do
     seed_rand({__MODULE__, device})
     t = fn shape -> make(rand_values(numel(shape), {:f, 32}), {:f, 32}, shape, device) end
-    {x, r, w, b, dy, ds} = {t.({20, 24}), t.({20, 24}), t.({24}), t.({24}), t.({20, 24}), t.({20, 24})}
+
+    {x, r, w, b, dy, ds} =
+      {t.({20, 24}), t.({20, 24}), t.({24}), t.({24}), t.({20, 24}), t.({20, 24})}
+
     into = %{weight: Tensor.zeros({24}, device: device), bias: Tensor.zeros({24}, device: device)}
     base = settled_stats(device)
 

@@ -252,7 +252,8 @@ defmodule Mambex.Norm do
 
   defp validate_opts!(opts, allowed, fun) do
     unless Keyword.keyword?(opts) do
-      raise ArgumentError, "#{fun}: options must be a keyword list, got: #{inspect(opts, limit: 5)}"
+      raise ArgumentError,
+            "#{fun}: options must be a keyword list, got: #{inspect(opts, limit: 5)}"
     end
 
     opts =

@@ -37,7 +37,8 @@ defmodule Mambex.ActivationReference do
   def dact(:gelu, x) do
     u = @k * (x + @c * x * x * x)
     # 1 - tanh(u)^2 = (1 + tanh u)(1 - tanh u), each factor without cancellation
-    0.5 * one_plus_tanh(u) + 0.5 * x * one_plus_tanh(u) * one_plus_tanh(-u) * @k * (1.0 + 3.0 * @c * x * x)
+    0.5 * one_plus_tanh(u) +
+      0.5 * x * one_plus_tanh(u) * one_plus_tanh(-u) * @k * (1.0 + 3.0 * @c * x * x)
   end
 
   # 1 + tanh(u); for u < 0 as 2 e^(2u) / (1 + e^(2u)), which float64 keeps
