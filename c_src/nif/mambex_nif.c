@@ -1153,6 +1153,12 @@ static ErlNifFunc nif_funcs[] = {
     {"adamw_step", 9, nif_adamw_step, 0},
     {"conv1d_forward", 5, nif_conv1d_forward, 0},
     {"conv1d_backward", 10, nif_conv1d_backward, 0},
+    {"norm_forward", 6, nif_norm_forward, 0},
+    {"norm_backward", 10, nif_norm_backward, 0},
+    {"act_forward", 2, nif_act_forward, 0},
+    {"act_backward", 3, nif_act_backward, 0},
+    {"swiglu_forward", 2, nif_swiglu_forward, 0},
+    {"swiglu_backward", 3, nif_swiglu_backward, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

@@ -65,6 +65,13 @@ ERL_NIF_TERM nif_adamw_step(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 /* The causal depthwise conv1d NIFs (conv1d_nif.c). */
 ERL_NIF_TERM nif_conv1d_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_conv1d_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+/* The norm NIFs (norm_nif.c) and activation NIFs (activation_nif.c). */
+ERL_NIF_TERM nif_norm_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_norm_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_act_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_act_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_swiglu_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_swiglu_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 

@@ -62,4 +62,13 @@ defmodule Mambex.NIF do
   def conv1d_backward(_x, _weight, _bias, _h0, _silu, _d_out, _d_final_state, _into_weight,
         _into_bias, _into_h0),
       do: nif_error()
+  def norm_forward(_kind, _x, _residual, _weight, _bias, _eps), do: nif_error()
+
+  def norm_backward(_kind, _x, _weight, _bias, _mean, _rstd, _dy, _d_sum, _into_w, _into_b),
+    do: nif_error()
+
+  def act_forward(_act, _x), do: nif_error()
+  def act_backward(_act, _x, _dy), do: nif_error()
+  def swiglu_forward(_a, _b), do: nif_error()
+  def swiglu_backward(_a, _b, _dout), do: nif_error()
 end
