@@ -1148,6 +1148,9 @@ static ErlNifFunc nif_funcs[] = {
     {"spin", 2, nif_spin, 0},
     {"scan_forward", 12, nif_scan_forward, 0},
     {"scan_backward", 14, nif_scan_backward, 0},
+    /* losses (loss_nif.c): they reschedule themselves (dirty CPU for large host calls, dirty IO for CUDA enqueues) */
+    {"cross_entropy", 7, nif_cross_entropy, 0},
+    {"mse", 5, nif_mse, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

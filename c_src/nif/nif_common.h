@@ -60,6 +60,10 @@ int get_axis(ErlNifEnv *env, ERL_NIF_TERM term, int rank, int *axis);
 ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
+/* The loss NIFs (loss_nif.c), registered in mambex_nif.c. */
+ERL_NIF_TERM nif_cross_entropy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_mse(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 
 #define GET_TENSOR(term, t, s, argname)                                                   \

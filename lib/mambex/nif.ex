@@ -54,4 +54,9 @@ defmodule Mambex.NIF do
   def scan_backward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset, _d_out,
         _d_final_state, _ckpt),
       do: nif_error()
+
+  def cross_entropy(_logits, _targets, _weights, _reduction, _ignore_index, _scale, _grad),
+    do: nif_error()
+
+  def mse(_pred, _target, _reduction, _scale, _grad), do: nif_error()
 end
