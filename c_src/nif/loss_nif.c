@@ -80,6 +80,13 @@ static const char *io_types(int slot) {
   return slot == MX_CPU_SLOT ? "{:f, 32} or {:f, 64} on the CPU" : "{:f, 32} or {:bf, 16} on CUDA";
 }
 
+/* A dtype as Elixir writes it. */
+static const char *type_name(int dt) {
+  static const char *const names[MX_NUM_DTYPES] = {"{:f, 32}", "{:f, 64}", "{:bf, 16}",
+                                                   "{:f, 16}", "{:s, 32}", "{:s, 64}", "{:u, 8}"};
+  return dt >= 0 && dt < MX_NUM_DTYPES ? names[dt] : "?";
+}
+
 static int io_ok(int slot, int dt) {
   return slot == MX_CPU_SLOT ? (dt == MX_F32 || dt == MX_F64) : (dt == MX_F32 || dt == MX_BF16);
 }
@@ -135,13 +142,13 @@ ERL_NIF_TERM nif_cross_entropy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
               device_term(env, wt->slot), device_term(env, slot));
   const int io = lt->dtype;
   if (!io_ok(slot, io))
-    XENT_FAIL("logits must have type %s, got: %T", io_types(slot), dtype_term(env, io));
+    XENT_FAIL("logits must have type %s, got: %s", io_types(slot), type_name(io));
   const int param = slot == MX_CPU_SLOT ? io : MX_F32;
   if (tt->dtype != MX_S32)
-    XENT_FAIL("targets must have type {:s, 32}, got: %T", dtype_term(env, tt->dtype));
+    XENT_FAIL("targets must have type {:s, 32}, got: %s", type_name(tt->dtype));
   if (wt && wt->dtype != param)
-    XENT_FAIL("weights must have type %T (the parameter type), got: %T", dtype_term(env, param),
-              dtype_term(env, wt->dtype));
+    XENT_FAIL("weights must have type %s (the parameter type), got: %s", type_name(param),
+              type_name(wt->dtype));
 
   if (lt->rank < 1)
     XENT_FAIL("logits must have at least one axis (..., classes), got: %T",
@@ -235,10 +242,10 @@ ERL_NIF_TERM nif_mse(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
              device_term(env, yt->slot), device_term(env, slot));
   const int io = pt->dtype;
   if (!io_ok(slot, io))
-    MSE_FAIL("pred must have type %s, got: %T", io_types(slot), dtype_term(env, io));
+    MSE_FAIL("pred must have type %s, got: %s", io_types(slot), type_name(io));
   if (yt->dtype != io)
-    MSE_FAIL("target must have type %T (the type of pred), got: %T", dtype_term(env, io),
-             dtype_term(env, yt->dtype));
+    MSE_FAIL("target must have type %s (the type of pred), got: %s", type_name(io),
+             type_name(yt->dtype));
   int same = yt->rank == pt->rank;
   for (int i = 0; same && i < pt->rank; i++) same = yt->shape[i] == pt->shape[i];
   if (!same)
