@@ -18,8 +18,9 @@
  * ---- Launches -----------------------------------------------------------------
  *
  * Cross-entropy is one kernel, two when the mean's denominator depends on the
- * data (mean with weights or ignore_index): xent_den_kernel, one block,
- * sums the row weights in a fixed order into the device scratch first.
+ * data (mean with weights or ignore_index): xent_den_kernel first sums the
+ * row weights in a fixed order into the device scratch (same two-stage,
+ * last-block reduction as the loss).
  * Otherwise den = rows is known on the host. The main kernel reads every
  * logit once and writes every gradient once:
  *   - classes <= 1024 (xent_warp_kernel): a group of LPR lanes (LPR = 32,
@@ -63,8 +64,9 @@
 #define LOSS_MAX_BLOCKS 1024
 #define XENT_WARP_MAX_CLASSES 1024
 #define XENT_BLOCK 256     /* threads of the warp-path and MSE kernels */
-#define XENT_BIG_BLOCK 512 /* threads of the block-per-row kernel */
-#define DEN_BLOCK 1024
+#define XENT_BIG_BLOCK 1024 /* threads of the block-per-row kernel */
+#define BIG_UNROLL 8        /* loads in flight per thread in xent_block_kernel */
+#define DEN_UNROLL 4        /* rows per thread in flight in xent_den_kernel */
 #define MSE_PER_THREAD 8   /* elements per thread when sizing the MSE grid */
 
 struct loss_scratch {
@@ -157,22 +159,35 @@ MX_DEV float grad_factor(const loss_scratch *sc, float factor, bool den_dev, flo
 /* Kernels                                                                    */
 
 /* den = sum over rows not ignored of w[t] (1 for a bad target or without
- * weights). One block; thread i takes rows i, i + DEN_BLOCK, ... */
-static __global__ void __launch_bounds__(DEN_BLOCK)
+ * weights). Thread i of the grid takes rows i, i + stride, ... (DEN_UNROLL
+ * loads in flight), blocks sum their threads, the last block the blocks, in
+ * a fixed order, into sc->den. */
+static __global__ void __launch_bounds__(XENT_BLOCK)
     xent_den_kernel(const int32_t *targets, // (rows)
                     const float *weights,   // (C) or NULL
                     int64_t rows, int64_t C, int has_ignore, int64_t ignore,
                     loss_scratch *sc) {
   __shared__ float sh[32];
+  const int64_t stride = (int64_t)gridDim.x * XENT_BLOCK;
   float v = 0.0f;
-  for (int64_t r = threadIdx.x; r < rows; r += DEN_BLOCK) {
-    const int32_t t = targets[r];
-    const int kind = row_kind(t, C, has_ignore, ignore);
-    if (kind == ROW_IGNORED) continue;
-    v += (kind == ROW_VALID && weights) ? weights[t] : 1.0f;
+  for (int64_t r0 = (int64_t)blockIdx.x * XENT_BLOCK + threadIdx.x; r0 < rows;
+       r0 += DEN_UNROLL * stride) {
+    int32_t t[DEN_UNROLL];
+#pragma unroll
+    for (int k = 0; k < DEN_UNROLL; k++) {
+      const int64_t r = r0 + k * stride;
+      t[k] = r < rows ? targets[r] : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < DEN_UNROLL; k++) {
+      if (r0 + k * stride >= rows) continue;
+      const int kind = row_kind(t[k], C, has_ignore, ignore);
+      if (kind == ROW_IGNORED) continue;
+      v += (kind == ROW_VALID && weights) ? weights[t[k]] : 1.0f;
+    }
   }
-  v = block_sum(v, sh);
-  if (threadIdx.x == 0) sc->den = v;
+  const float mine = block_sum(v, sh);
+  finish_loss(mine, sc, &sc->den, 1.0f, false, 0.0f, sh);
 }
 
 /* Rows of at most LPR * K classes: a group of LPR lanes per row. */
@@ -278,16 +293,21 @@ static __global__ void __launch_bounds__(XENT_BIG_BLOCK)
     const typename IO::T *xr = x + r * C;
     float m = -FLT_MAX, s = 0.0f;
     int64_t j = threadIdx.x;
-    for (; j + 3 * XENT_BIG_BLOCK < C; j += 4 * XENT_BIG_BLOCK) {
-      const float a0 = IO::load(xr[j]), a1 = IO::load(xr[j + XENT_BIG_BLOCK]);
-      const float a2 = IO::load(xr[j + 2 * XENT_BIG_BLOCK]);
-      const float a3 = IO::load(xr[j + 3 * XENT_BIG_BLOCK]);
-      const float M = fmaxf(fmaxf(m, fmaxf(a0, a1)), fmaxf(a2, a3));
+    for (; j + (BIG_UNROLL - 1) * XENT_BIG_BLOCK < C; j += BIG_UNROLL * XENT_BIG_BLOCK) {
+      float a[BIG_UNROLL];
+#pragma unroll
+      for (int k = 0; k < BIG_UNROLL; k++) a[k] = IO::load(xr[j + k * XENT_BIG_BLOCK]);
+      float M = m;
+#pragma unroll
+      for (int k = 0; k < BIG_UNROLL; k++) M = fmaxf(M, a[k]);
       if (M > m) {
         s *= expf(m - M);
         m = M;
       }
-      s += (expf(a0 - m) + expf(a1 - m)) + (expf(a2 - m) + expf(a3 - m));
+      float e = 0.0f;
+#pragma unroll
+      for (int k = 0; k < BIG_UNROLL; k++) e += expf(a[k] - m);
+      s += e;
     }
     for (; j < C; j += XENT_BIG_BLOCK) {
       const float a0 = IO::load(xr[j]);
@@ -338,13 +358,24 @@ static __global__ void __launch_bounds__(XENT_BIG_BLOCK)
     if (dx) {
       typename IO::T *dr = dx + r * C;
       const float c = g * w, rs = 1.0f / s;
-      for (j = threadIdx.x; j < C; j += XENT_BIG_BLOCK) {
-        float val = 0.0f;
-        if (kind != ROW_IGNORED) {
-          const float p = expf(IO::load(xr[j]) - m) * rs;
-          val = c * (j == t ? p - 1.0f : p);
+      for (j = threadIdx.x; j < C; j += BIG_UNROLL * XENT_BIG_BLOCK) {
+        float a[BIG_UNROLL];
+#pragma unroll
+        for (int k = 0; k < BIG_UNROLL; k++) {
+          const int64_t jk = j + k * XENT_BIG_BLOCK;
+          a[k] = jk < C ? IO::load(xr[jk]) : 0.0f;
         }
-        dr[j] = IO::store(val);
+#pragma unroll
+        for (int k = 0; k < BIG_UNROLL; k++) {
+          const int64_t jk = j + k * XENT_BIG_BLOCK;
+          if (jk >= C) break;
+          float val = 0.0f;
+          if (kind != ROW_IGNORED) {
+            const float p = expf(a[k] - m) * rs;
+            val = c * (jk == t ? p - 1.0f : p);
+          }
+          dr[jk] = IO::store(val);
+        }
       }
     }
     __syncthreads(); /* row_m / row_s are rewritten by the next row */
@@ -467,9 +498,11 @@ int mx_cuda_cross_entropy(int dev, const mx_xent_args *a, void *loss, void *dlog
   const bool den_dev = a->mean && (a->weights || a->has_ignore);
   const double factor = !a->mean ? a->scale : den_dev ? 0.0 : a->scale / (double)a->rows;
   if (den_dev) {
-    xent_den_kernel<<<1, DEN_BLOCK, 0, d->stream>>>(a->targets, (const float *)a->weights,
-                                                    a->rows, a->classes, a->has_ignore,
-                                                    a->ignore_index, sc);
+    int64_t nb = (a->rows + (int64_t)XENT_BLOCK * DEN_UNROLL - 1) / ((int64_t)XENT_BLOCK * DEN_UNROLL);
+    if (nb > LOSS_MAX_BLOCKS) nb = LOSS_MAX_BLOCKS;
+    xent_den_kernel<<<(unsigned)nb, XENT_BLOCK, 0, d->stream>>>(
+        a->targets, (const float *)a->weights, a->rows, a->classes, a->has_ignore,
+        a->ignore_index, sc);
     rc = MX_CUDA_LAUNCH_RC(d, err, "xent_den_kernel");
   }
   if (rc == MX_OK) {
