@@ -82,6 +82,13 @@ defmodule Mambex.Loss do
   per-block partial losses in a fixed order. MSE is one grid-stride kernel
   with the same reduction. On the CPU the work is split into fixed chunks of
   rows run on the thread pool.
+
+  Measured on an H200 (device time, f32 io, `bench/cuda/loss_harness.c`,
+  bench/results/loss_harness_*.txt): 15,360 x 64 logits with the gradient
+  9.4 µs (13.9 µs with weights and ignore_index: two launches); 15,360 x 1024
+  52 µs (57% of the 4.2 TB/s floor); 256 x 50,257 49 µs (50%); MSE on
+  15,360 x 256 17 µs (67%). On the 2-core CI machine the CPU takes about
+  2.4 ms for 15,360 x 64 and 20 ms for 15,360 x 1024.
   """
 
   alias Mambex.NIF
