@@ -1159,6 +1159,9 @@ static ErlNifFunc nif_funcs[] = {
     {"act_backward", 3, nif_act_backward, 0},
     {"swiglu_forward", 2, nif_swiglu_forward, 0},
     {"swiglu_backward", 3, nif_swiglu_backward, 0},
+    /* losses (loss_nif.c): they reschedule themselves (dirty CPU for large host calls, dirty IO for CUDA enqueues) */
+    {"cross_entropy", 7, nif_cross_entropy, 0},
+    {"mse", 5, nif_mse, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

@@ -71,4 +71,8 @@ defmodule Mambex.NIF do
   def act_backward(_act, _x, _dy), do: nif_error()
   def swiglu_forward(_a, _b), do: nif_error()
   def swiglu_backward(_a, _b, _dout), do: nif_error()
+  def cross_entropy(_logits, _targets, _weights, _reduction, _ignore_index, _scale, _grad),
+    do: nif_error()
+
+  def mse(_pred, _target, _reduction, _scale, _grad), do: nif_error()
 end
