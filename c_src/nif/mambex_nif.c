@@ -1148,6 +1148,9 @@ static ErlNifFunc nif_funcs[] = {
     {"spin", 2, nif_spin, 0},
     {"scan_forward", 12, nif_scan_forward, 0},
     {"scan_backward", 14, nif_scan_backward, 0},
+    {"linear_forward", 4, nif_linear_forward, 0},
+    {"linear_backward", 8, nif_linear_backward, 0},
+    {"matmul", 8, nif_matmul, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

@@ -60,6 +60,11 @@ int get_axis(ErlNifEnv *env, ERL_NIF_TERM term, int rank, int *axis);
 ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
+/* The linear-layer NIFs (linear_nif.c), registered in mambex_nif.c. */
+ERL_NIF_TERM nif_linear_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_matmul(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 
 #define GET_TENSOR(term, t, s, argname)                                                   \

@@ -54,4 +54,12 @@ defmodule Mambex.NIF do
   def scan_backward(_u, _delta, _a, _b, _c, _d, _z, _delta_bias, _softplus, _h0, _reset, _d_out,
         _d_final_state, _ckpt),
       do: nif_error()
+
+  def linear_forward(_x, _w, _bias, _precision), do: nif_error()
+
+  def linear_backward(_x, _w, _dy, _bias, _input_grad, _precision, _into_w, _into_bias),
+    do: nif_error()
+
+  def matmul(_a, _b, _transpose_a, _transpose_b, _alpha, _beta, _into, _precision),
+    do: nif_error()
 end
