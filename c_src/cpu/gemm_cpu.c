@@ -293,11 +293,20 @@ int cpu_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
   x.npanels = (g->n + v->nr - 1) / v->nr;
   x.np = x.npanels * v->nr;
   x.ncp = GEMM_NC_COLS / v->nr;
+  const int parallel = (double)g->m * (double)g->n * (double)g->k >= (double)GEMM_SERIAL_WORK;
+  const int workers = parallel ? mx_pool_size() : 1;
+  /* Smaller blocks of C until every worker has about 3 items (the blocking
+   * of C does not change any element's sum, so this keeps the bits). */
+  for (;;) {
+    const int64_t items = ((g->m + x.mc - 1) / x.mc) * ((x.npanels + x.ncp - 1) / x.ncp);
+    if (items >= 3 * (int64_t)workers) break;
+    if (x.ncp > 4) x.ncp /= 2;
+    else if (x.mc >= 4 * v->mr) x.mc = (x.mc / 2 + v->mr - 1) / v->mr * v->mr;
+    else break;
+  }
   x.jblocks = (x.npanels + x.ncp - 1) / x.ncp;
   const int64_t iblocks = (g->m + x.mc - 1) / x.mc;
 
-  const int parallel = (double)g->m * (double)g->n * (double)g->k >= (double)GEMM_SERIAL_WORK;
-  const int workers = parallel ? mx_pool_size() : 1;
   const size_t es = v->elsize;
   const size_t bbytes = ((size_t)g->k * (size_t)x.np * es + 63) & ~(size_t)63;
   x.astride = ((size_t)x.mc * (size_t)x.kc * es + 63) & ~(size_t)63;

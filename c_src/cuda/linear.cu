@@ -44,10 +44,12 @@
  *
  * ---- sum_rows: out (cols) = [out +] sum over rows of x (rows, cols) ----------
  *
- * Pass 1: blocks of 32 x 8 threads; a block owns 32 consecutive columns
- * (a warp reads one row's 128 contiguous bytes) and one split of the rows;
- * thread (tx, ty) adds rows ty, ty + 8, ... of the split in order, in fp32,
- * then lane ty = 0 adds the 8 partial sums in order. With one split the
+ * Pass 1: blocks of 32 x 8 threads; a block owns 32 x V consecutive
+ * columns (V = 4 when rows are whole 16-byte f32 / 8-byte bf16 vectors, so
+ * a warp reads 512 / 256 contiguous bytes of a row; else V = 1) and one
+ * split of the rows; thread (tx, ty) adds rows ty, ty + 8, ... of the split
+ * in order, in fp32 (loads of four rows in flight at a time), then lane
+ * ty = 0 adds the 8 partial sums in order. With one split the
  * result goes to out; otherwise to a stream-ordered fp32 scratch (splits,
  * cols), and pass 2 adds the splits in order (and out when accumulating).
  * The split count depends on (rows, cols) and the device's SM count only,
@@ -346,34 +348,92 @@ int mx_cuda_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
 #define SR_TX 32
 #define SR_TY 8
 
-/* Pass 1: the column sums of one split of rows, for SR_TX columns. Writes
- * part[split, col] (fp32), or out directly when `out` is non-NULL. */
-template <class Tag>
+/* V consecutive values of a row as floats: one 16-byte (f32) or 8-byte
+ * (bf16) load when V = 4. */
+template <class Tag, int V>
+struct sr_load {
+  static __device__ __forceinline__ void run(const typename Tag::T *p, float *v) {
+#pragma unroll
+    for (int i = 0; i < V; i++) v[i] = Tag::load(p[i]);
+  }
+};
+
+template <>
+struct sr_load<mx_t_f32, 4> {
+  static __device__ __forceinline__ void run(const float *p, float *v) {
+    const float4 q = __ldg((const float4 *)p);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+  }
+};
+
+template <>
+struct sr_load<mx_t_bf16, 4> {
+  static __device__ __forceinline__ void run(const uint16_t *p, float *v) {
+    const uint2 q = __ldg((const uint2 *)p);
+    v[0] = mx_t_bf16::load((uint16_t)(q.x & 0xffffu));
+    v[1] = mx_t_bf16::load((uint16_t)(q.x >> 16));
+    v[2] = mx_t_bf16::load((uint16_t)(q.y & 0xffffu));
+    v[3] = mx_t_bf16::load((uint16_t)(q.y >> 16));
+  }
+};
+
+/* Pass 1: the column sums of one split of rows, for SR_TX * V columns
+ * (thread tx owns V consecutive columns; V = 4 needs cols % 4 == 0 and an
+ * aligned x). Lane ty adds rows r0 + ty, r0 + ty + SR_TY, ... in order,
+ * four rows' loads issued together; the SR_TY lane sums are then added in
+ * order. Writes part[split, col] (fp32), or out directly when `out` is
+ * non-NULL. */
+template <class Tag, int V>
 static __global__ void sum_rows_pass1(const typename Tag::T *__restrict__ x, int64_t rows,
                                       int64_t cols, int64_t rows_per_split,
                                       float *__restrict__ part, typename Tag::T *out,
                                       int accumulate) {
-  __shared__ float acc[SR_TY][SR_TX + 1];
+  __shared__ float acc[SR_TY][SR_TX * V + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col = (int64_t)blockIdx.x * SR_TX + tx;
+  const int64_t col0 = ((int64_t)blockIdx.x * SR_TX + tx) * V;
   const int64_t r0 = (int64_t)blockIdx.y * rows_per_split;
   const int64_t r1 = r0 + rows_per_split < rows ? r0 + rows_per_split : rows;
-  float s = 0.0f;
-  if (col < cols) {
-    const typename Tag::T *p = x + col;
-#pragma unroll 8
-    for (int64_t r = r0 + ty; r < r1; r += SR_TY) s = __fadd_rn(s, Tag::load(p[r * cols]));
-  }
-  acc[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && col < cols) {
-    float t = acc[0][tx];
+  float s[V];
 #pragma unroll
-    for (int i = 1; i < SR_TY; i++) t = __fadd_rn(t, acc[i][tx]);
-    if (out) {
-      out[col] = Tag::store(accumulate ? __fadd_rn(Tag::load(out[col]), t) : t);
-    } else {
-      part[blockIdx.y * cols + col] = t;
+  for (int v = 0; v < V; v++) s[v] = 0.0f;
+  if (col0 < cols) {
+    const typename Tag::T *p = x + col0;
+    int64_t r = r0 + ty;
+    for (; r + 3 * SR_TY < r1; r += 4 * SR_TY) {
+      float a[V], b[V], c[V], e[V];
+      sr_load<Tag, V>::run(p + r * cols, a);
+      sr_load<Tag, V>::run(p + (r + SR_TY) * cols, b);
+      sr_load<Tag, V>::run(p + (r + 2 * SR_TY) * cols, c);
+      sr_load<Tag, V>::run(p + (r + 3 * SR_TY) * cols, e);
+#pragma unroll
+      for (int v = 0; v < V; v++)
+        s[v] = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(s[v], a[v]), b[v]), c[v]), e[v]);
+    }
+    for (; r < r1; r += SR_TY) {
+      float a[V];
+      sr_load<Tag, V>::run(p + r * cols, a);
+#pragma unroll
+      for (int v = 0; v < V; v++) s[v] = __fadd_rn(s[v], a[v]);
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; v++) acc[ty][tx * V + v] = s[v];
+  __syncthreads();
+  if (ty == 0 && col0 < cols) {
+#pragma unroll
+    for (int v = 0; v < V; v++) {
+      const int64_t col = col0 + v;
+      if (V > 1 && col >= cols) break;
+      float t = acc[0][tx * V + v];
+#pragma unroll
+      for (int i = 1; i < SR_TY; i++) t = __fadd_rn(t, acc[i][tx * V + v]);
+      if (out)
+        out[col] = Tag::store(accumulate ? __fadd_rn(Tag::load(out[col]), t) : t);
+      else
+        part[blockIdx.y * cols + col] = t;
     }
   }
 }
@@ -409,7 +469,10 @@ static int sum_rows_run(mx_cuda_dev *d, const void *xv, int64_t rows, int64_t co
     sum_rows_zero<Tag><<<mx_cuda_grid(d, (uint64_t)cols), MX_BLOCK, 0, d->stream>>>(out, cols);
     return MX_CUDA_LAUNCH_RC(d, err, "sum_rows_zero");
   }
-  const int64_t tiles = (cols + SR_TX - 1) / SR_TX;
+  /* Four columns a thread when rows are whole 16 / 8-byte vectors. */
+  const bool vec4 = cols % 4 == 0 && (uintptr_t)x % (4 * sizeof(T)) == 0;
+  const int64_t per_block = vec4 ? SR_TX * 4 : SR_TX;
+  const int64_t tiles = (cols + per_block - 1) / per_block;
   /* About 8 blocks per SM in all; each split keeps >= 64 rows (8 per lane). */
   const int64_t want = (int64_t)d->sm_count * 8;
   int64_t splits = (want + tiles - 1) / tiles;
@@ -422,13 +485,21 @@ static int sum_rows_run(mx_cuda_dev *d, const void *xv, int64_t rows, int64_t co
   if (tiles > 0x7fffffff) return mx_cuda_fail(err, MX_E_ARG, "sum_rows: too many columns");
   const dim3 block(SR_TX, SR_TY), grid((unsigned)tiles, (unsigned)splits);
   if (splits == 1) {
-    sum_rows_pass1<Tag><<<grid, block, 0, d->stream>>>(x, rows, cols, per, NULL, out, accumulate);
+    if (vec4)
+      sum_rows_pass1<Tag, 4><<<grid, block, 0, d->stream>>>(x, rows, cols, per, NULL, out,
+                                                           accumulate);
+    else
+      sum_rows_pass1<Tag, 1><<<grid, block, 0, d->stream>>>(x, rows, cols, per, NULL, out,
+                                                           accumulate);
     return MX_CUDA_LAUNCH_RC(d, err, "sum_rows_pass1");
   }
   float *part = NULL;
   MX_CUDA_TRY(d, err, cudaMallocAsync((void **)&part, (size_t)splits * (size_t)cols * sizeof(float),
                                       d->stream));
-  sum_rows_pass1<Tag><<<grid, block, 0, d->stream>>>(x, rows, cols, per, part, NULL, 0);
+  if (vec4)
+    sum_rows_pass1<Tag, 4><<<grid, block, 0, d->stream>>>(x, rows, cols, per, part, NULL, 0);
+  else
+    sum_rows_pass1<Tag, 1><<<grid, block, 0, d->stream>>>(x, rows, cols, per, part, NULL, 0);
   int rc = MX_CUDA_LAUNCH_RC(d, err, "sum_rows_pass1");
   if (rc == MX_OK) {
     sum_rows_pass2<Tag><<<mx_cuda_grid(d, (uint64_t)cols), MX_BLOCK, 0, d->stream>>>(

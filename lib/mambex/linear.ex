@@ -212,7 +212,8 @@ defmodule Mambex.Linear do
 
   defp validate_opts!(opts, allowed, op) do
     unless Keyword.keyword?(opts) do
-      raise ArgumentError, "#{op}: options must be a keyword list, got: #{inspect(opts, limit: 5)}"
+      raise ArgumentError,
+            "#{op}: options must be a keyword list, got: #{inspect(opts, limit: 5)}"
     end
 
     try do
