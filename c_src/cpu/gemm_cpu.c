@@ -62,7 +62,7 @@
 /* Columns of C per work item, in units of the variant's NR. */
 #define GEMM_NC_COLS 512
 /* B panels packed per packing item. */
-#define GEMM_PACK_PANELS 8
+#define GEMM_PACK_PANELS 2
 /* Below this m n k a call runs on the calling thread. */
 #define GEMM_SERIAL_WORK ((int64_t)1 << 20)
 /* Scratch kept between calls (Bp and the A blocks), at most. */

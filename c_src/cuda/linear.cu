@@ -51,7 +51,9 @@
  * in order, in fp32 (loads of four rows in flight at a time), then lane
  * ty = 0 adds the 8 partial sums in order. With one split the
  * result goes to out; otherwise to a stream-ordered fp32 scratch (splits,
- * cols), and pass 2 adds the splits in order (and out when accumulating).
+ * cols), and pass 2 reduces that scratch with the same kernel (one split:
+ * lanes over splits ty, ty + 8, ..., then the lanes in order) into out,
+ * adding out when accumulating.
  * The split count depends on (rows, cols) and the device's SM count only,
  * so results are bit-identical from run to run. No atomics.
  */
@@ -380,17 +382,18 @@ struct sr_load<mx_t_bf16, 4> {
   }
 };
 
-/* Pass 1: the column sums of one split of rows, for SR_TX * V columns
- * (thread tx owns V consecutive columns; V = 4 needs cols % 4 == 0 and an
- * aligned x). Lane ty adds rows r0 + ty, r0 + ty + SR_TY, ... in order,
- * four rows' loads issued together; the SR_TY lane sums are then added in
- * order. Writes part[split, col] (fp32), or out directly when `out` is
- * non-NULL. */
-template <class Tag, int V>
-static __global__ void sum_rows_pass1(const typename Tag::T *__restrict__ x, int64_t rows,
-                                      int64_t cols, int64_t rows_per_split,
-                                      float *__restrict__ part, typename Tag::T *out,
-                                      int accumulate) {
+/* Column sums of one split of rows of x (rows, cols), In-typed, for
+ * SR_TX * V columns (thread tx owns V consecutive columns; V = 4 needs
+ * cols % 4 == 0 and an aligned x). Lane ty adds rows r0 + ty, r0 + ty +
+ * SR_TY, ... in order, four rows' loads in flight at a time; the SR_TY lane
+ * sums are then added in order, and written to out[split, col] (Out-typed;
+ * added to what is there when `accumulate`). Pass 1 runs it over x with one
+ * split per blockIdx.y; pass 2 over the fp32 partials (splits, cols) with a
+ * single split. */
+template <class In, class Out, int V>
+static __global__ void sum_rows_kernel(const typename In::T *__restrict__ x, int64_t rows,
+                                       int64_t cols, int64_t rows_per_split,
+                                       typename Out::T *out, int accumulate) {
   __shared__ float acc[SR_TY][SR_TX * V + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col0 = ((int64_t)blockIdx.x * SR_TX + tx) * V;
@@ -400,21 +403,21 @@ static __global__ void sum_rows_pass1(const typename Tag::T *__restrict__ x, int
 #pragma unroll
   for (int v = 0; v < V; v++) s[v] = 0.0f;
   if (col0 < cols) {
-    const typename Tag::T *p = x + col0;
+    const typename In::T *p = x + col0;
     int64_t r = r0 + ty;
     for (; r + 3 * SR_TY < r1; r += 4 * SR_TY) {
       float a[V], b[V], c[V], e[V];
-      sr_load<Tag, V>::run(p + r * cols, a);
-      sr_load<Tag, V>::run(p + (r + SR_TY) * cols, b);
-      sr_load<Tag, V>::run(p + (r + 2 * SR_TY) * cols, c);
-      sr_load<Tag, V>::run(p + (r + 3 * SR_TY) * cols, e);
+      sr_load<In, V>::run(p + r * cols, a);
+      sr_load<In, V>::run(p + (r + SR_TY) * cols, b);
+      sr_load<In, V>::run(p + (r + 2 * SR_TY) * cols, c);
+      sr_load<In, V>::run(p + (r + 3 * SR_TY) * cols, e);
 #pragma unroll
       for (int v = 0; v < V; v++)
         s[v] = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(s[v], a[v]), b[v]), c[v]), e[v]);
     }
     for (; r < r1; r += SR_TY) {
       float a[V];
-      sr_load<Tag, V>::run(p + r * cols, a);
+      sr_load<In, V>::run(p + r * cols, a);
 #pragma unroll
       for (int v = 0; v < V; v++) s[v] = __fadd_rn(s[v], a[v]);
     }
@@ -423,6 +426,7 @@ static __global__ void sum_rows_pass1(const typename Tag::T *__restrict__ x, int
   for (int v = 0; v < V; v++) acc[ty][tx * V + v] = s[v];
   __syncthreads();
   if (ty == 0 && col0 < cols) {
+    typename Out::T *o = out + (int64_t)blockIdx.y * cols;
 #pragma unroll
     for (int v = 0; v < V; v++) {
       const int64_t col = col0 + v;
@@ -430,24 +434,25 @@ static __global__ void sum_rows_pass1(const typename Tag::T *__restrict__ x, int
       float t = acc[0][tx * V + v];
 #pragma unroll
       for (int i = 1; i < SR_TY; i++) t = __fadd_rn(t, acc[i][tx * V + v]);
-      if (out)
-        out[col] = Tag::store(accumulate ? __fadd_rn(Tag::load(out[col]), t) : t);
-      else
-        part[blockIdx.y * cols + col] = t;
+      o[col] = Out::store(accumulate ? __fadd_rn(Out::load(o[col]), t) : t);
     }
   }
 }
 
-/* Pass 2: out[col] = [out[col] +] sum over splits in order. */
-template <class Tag>
-static __global__ void sum_rows_pass2(const float *__restrict__ part, int64_t splits,
-                                      int64_t cols, typename Tag::T *out, int accumulate) {
-  for (int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; col < cols;
-       col += (int64_t)gridDim.x * blockDim.x) {
-    float t = part[col];
-    for (int64_t s = 1; s < splits; s++) t = __fadd_rn(t, part[s * cols + col]);
-    out[col] = Tag::store(accumulate ? __fadd_rn(Tag::load(out[col]), t) : t);
-  }
+template <class In, class Out>
+static int sum_rows_launch(mx_cuda_dev *d, bool vec4, const typename In::T *x, int64_t rows,
+                           int64_t cols, int64_t splits, int64_t per, typename Out::T *out,
+                           int accumulate, mx_err *err) {
+  const int64_t tiles = (cols + SR_TX * (vec4 ? 4 : 1) - 1) / (SR_TX * (vec4 ? 4 : 1));
+  if (tiles > 0x7fffffff) return mx_cuda_fail(err, MX_E_ARG, "sum_rows: too many columns");
+  const dim3 block(SR_TX, SR_TY), grid((unsigned)tiles, (unsigned)splits);
+  if (vec4)
+    sum_rows_kernel<In, Out, 4><<<grid, block, 0, d->stream>>>(x, rows, cols, per, out,
+                                                               accumulate);
+  else
+    sum_rows_kernel<In, Out, 1><<<grid, block, 0, d->stream>>>(x, rows, cols, per, out,
+                                                               accumulate);
+  return MX_CUDA_LAUNCH_RC(d, err, "sum_rows_kernel");
 }
 
 /* Zero (or leave) out when there are no rows. */
@@ -471,8 +476,7 @@ static int sum_rows_run(mx_cuda_dev *d, const void *xv, int64_t rows, int64_t co
   }
   /* Four columns a thread when rows are whole 16 / 8-byte vectors. */
   const bool vec4 = cols % 4 == 0 && (uintptr_t)x % (4 * sizeof(T)) == 0;
-  const int64_t per_block = vec4 ? SR_TX * 4 : SR_TX;
-  const int64_t tiles = (cols + per_block - 1) / per_block;
+  const int64_t tiles = (cols + SR_TX * (vec4 ? 4 : 1) - 1) / (SR_TX * (vec4 ? 4 : 1));
   /* About 8 blocks per SM in all; each split keeps >= 64 rows (8 per lane). */
   const int64_t want = (int64_t)d->sm_count * 8;
   int64_t splits = (want + tiles - 1) / tiles;
@@ -482,30 +486,15 @@ static int sum_rows_run(mx_cuda_dev *d, const void *xv, int64_t rows, int64_t co
   if (splits < 1) splits = 1;
   const int64_t per = (rows + splits - 1) / splits;
   splits = (rows + per - 1) / per;
-  if (tiles > 0x7fffffff) return mx_cuda_fail(err, MX_E_ARG, "sum_rows: too many columns");
-  const dim3 block(SR_TX, SR_TY), grid((unsigned)tiles, (unsigned)splits);
-  if (splits == 1) {
-    if (vec4)
-      sum_rows_pass1<Tag, 4><<<grid, block, 0, d->stream>>>(x, rows, cols, per, NULL, out,
-                                                           accumulate);
-    else
-      sum_rows_pass1<Tag, 1><<<grid, block, 0, d->stream>>>(x, rows, cols, per, NULL, out,
-                                                           accumulate);
-    return MX_CUDA_LAUNCH_RC(d, err, "sum_rows_pass1");
-  }
+  if (splits == 1)
+    return sum_rows_launch<Tag, Tag>(d, vec4, x, rows, cols, 1, per, out, accumulate, err);
   float *part = NULL;
   MX_CUDA_TRY(d, err, cudaMallocAsync((void **)&part, (size_t)splits * (size_t)cols * sizeof(float),
                                       d->stream));
-  if (vec4)
-    sum_rows_pass1<Tag, 4><<<grid, block, 0, d->stream>>>(x, rows, cols, per, part, NULL, 0);
-  else
-    sum_rows_pass1<Tag, 1><<<grid, block, 0, d->stream>>>(x, rows, cols, per, part, NULL, 0);
-  int rc = MX_CUDA_LAUNCH_RC(d, err, "sum_rows_pass1");
-  if (rc == MX_OK) {
-    sum_rows_pass2<Tag><<<mx_cuda_grid(d, (uint64_t)cols), MX_BLOCK, 0, d->stream>>>(
-        part, splits, cols, out, accumulate);
-    rc = MX_CUDA_LAUNCH_RC(d, err, "sum_rows_pass2");
-  }
+  int rc = sum_rows_launch<Tag, mx_t_f32>(d, vec4, x, rows, cols, splits, per, part, 0, err);
+  if (rc == MX_OK)
+    rc = sum_rows_launch<mx_t_f32, Tag>(d, cols % 4 == 0, part, splits, cols, 1, splits, out,
+                                        accumulate, err);
   mx_err ignored;
   int frc = MX_CUDA_CALL(d, rc == MX_OK ? err : &ignored, cudaFreeAsync(part, d->stream));
   return rc != MX_OK ? rc : frc;
