@@ -48,7 +48,7 @@
  * columns (V = 4 when rows are whole 16-byte f32 / 8-byte bf16 vectors, so
  * a warp reads 512 / 256 contiguous bytes of a row; else V = 1) and one
  * split of the rows; thread (tx, ty) adds rows ty, ty + 8, ... of the split
- * in order, in fp32 (loads of four rows in flight at a time), then lane
+ * in order, in fp32 (loads of eight rows in flight at a time), then lane
  * ty = 0 adds the 8 partial sums in order. With one split the
  * result goes to out; otherwise to a stream-ordered fp32 scratch (splits,
  * cols), and pass 2 reduces that scratch with the same kernel (one split:
@@ -349,6 +349,7 @@ int mx_cuda_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
 
 #define SR_TX 32
 #define SR_TY 8
+#define SR_BATCH 8
 
 /* V consecutive values of a row as floats: one 16-byte (f32) or 8-byte
  * (bf16) load when V = 4. */
@@ -385,7 +386,7 @@ struct sr_load<mx_t_bf16, 4> {
 /* Column sums of one split of rows of x (rows, cols), In-typed, for
  * SR_TX * V columns (thread tx owns V consecutive columns; V = 4 needs
  * cols % 4 == 0 and an aligned x). Lane ty adds rows r0 + ty, r0 + ty +
- * SR_TY, ... in order, four rows' loads in flight at a time; the SR_TY lane
+ * SR_TY, ... in order, SR_BATCH rows' loads in flight at a time; the SR_TY lane
  * sums are then added in order, and written to out[split, col] (Out-typed;
  * added to what is there when `accumulate`). Pass 1 runs it over x with one
  * split per blockIdx.y; pass 2 over the fp32 partials (splits, cols) with a
@@ -404,22 +405,23 @@ static __global__ void sum_rows_kernel(const typename In::T *__restrict__ x, int
   for (int v = 0; v < V; v++) s[v] = 0.0f;
   if (col0 < cols) {
     const typename In::T *p = x + col0;
-    int64_t r = r0 + ty;
-    for (; r + 3 * SR_TY < r1; r += 4 * SR_TY) {
-      float a[V], b[V], c[V], e[V];
-      sr_load<In, V>::run(p + r * cols, a);
-      sr_load<In, V>::run(p + (r + SR_TY) * cols, b);
-      sr_load<In, V>::run(p + (r + 2 * SR_TY) * cols, c);
-      sr_load<In, V>::run(p + (r + 3 * SR_TY) * cols, e);
+    /* SR_BATCH rows a step, their loads issued together; rows past the
+     * split read as 0, and s + 0 = s exactly (s starts at +0). */
+    for (int64_t r = r0 + ty; r < r1; r += SR_BATCH * SR_TY) {
+      float a[SR_BATCH][V];
 #pragma unroll
-      for (int v = 0; v < V; v++)
-        s[v] = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(s[v], a[v]), b[v]), c[v]), e[v]);
-    }
-    for (; r < r1; r += SR_TY) {
-      float a[V];
-      sr_load<In, V>::run(p + r * cols, a);
+      for (int b = 0; b < SR_BATCH; b++) {
+        if (r + b * SR_TY < r1) {
+          sr_load<In, V>::run(p + (r + b * SR_TY) * cols, a[b]);
+        } else {
 #pragma unroll
-      for (int v = 0; v < V; v++) s[v] = __fadd_rn(s[v], a[v]);
+          for (int v = 0; v < V; v++) a[b][v] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < SR_BATCH; b++)
+#pragma unroll
+        for (int v = 0; v < V; v++) s[v] = __fadd_rn(s[v], a[b][v]);
     }
   }
 #pragma unroll
@@ -477,8 +479,8 @@ static int sum_rows_run(mx_cuda_dev *d, const void *xv, int64_t rows, int64_t co
   /* Four columns a thread when rows are whole 16 / 8-byte vectors. */
   const bool vec4 = cols % 4 == 0 && (uintptr_t)x % (4 * sizeof(T)) == 0;
   const int64_t tiles = (cols + SR_TX * (vec4 ? 4 : 1) - 1) / (SR_TX * (vec4 ? 4 : 1));
-  /* About 8 blocks per SM in all; each split keeps >= 64 rows (8 per lane). */
-  const int64_t want = (int64_t)d->sm_count * 8;
+  /* About 4 blocks per SM in all; each split keeps >= 64 rows (8 per lane). */
+  const int64_t want = (int64_t)d->sm_count * 4;
   int64_t splits = (want + tiles - 1) / tiles;
   const int64_t max_splits = (rows + 63) / 64;
   if (splits > max_splits) splits = max_splits;
