@@ -479,8 +479,8 @@ static int sum_rows_run(mx_cuda_dev *d, const void *xv, int64_t rows, int64_t co
   /* Four columns a thread when rows are whole 16 / 8-byte vectors. */
   const bool vec4 = cols % 4 == 0 && (uintptr_t)x % (4 * sizeof(T)) == 0;
   const int64_t tiles = (cols + SR_TX * (vec4 ? 4 : 1) - 1) / (SR_TX * (vec4 ? 4 : 1));
-  /* About 4 blocks per SM in all; each split keeps >= 64 rows (8 per lane). */
-  const int64_t want = (int64_t)d->sm_count * 4;
+  /* About 8 blocks per SM in all; each split keeps >= 64 rows (8 per lane). */
+  const int64_t want = (int64_t)d->sm_count * 8;
   int64_t splits = (want + tiles - 1) / tiles;
   const int64_t max_splits = (rows + 63) / 64;
   if (splits > max_splits) splits = max_splits;
