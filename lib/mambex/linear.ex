@@ -56,11 +56,14 @@ defmodule Mambex.Linear do
   ## Performance
 
   CUDA runs cuBLASLt, the bias folded into the GEMM's epilogue (the forward
-  is one kernel); the backward is two GEMMs and a column sum. The CPU runs a
-  blocked GEMM (packed panels, a register-tiled micro-kernel in AVX-512,
-  AVX2+FMA or SSE, chosen at run time) threaded over blocks of the output,
-  at about 190-210 GFLOP/s on the 2-core CI machine (f32, 1920 × 256 × 1024);
-  see `bench/linear_bench_test.exs`.
+  is one kernel); the backward is two GEMMs and a column sum. On an H200,
+  x `{15360, 256}` · w `{256, 1024}` + bias takes 43 µs forward / 109 µs
+  backward with `:tf32`, 195 / 371 µs with `:fp32`, 24 / 55 µs in bf16.
+  The CPU runs a blocked GEMM (packed panels, a register-tiled micro-kernel
+  in AVX-512, AVX2+FMA or SSE, chosen at run time) threaded over blocks of
+  the output: about 190 GFLOP/s f32 on the 2-core CI machine and 1 TFLOP/s
+  on 16 cores at 1920 × 256 × 1024. See `bench/linear_bench_test.exs` and
+  `bench/results/linear.csv`.
   """
 
   alias Mambex.NIF
