@@ -59,9 +59,15 @@ $(OBJ)/cuda/%.o: c_src/cuda/%.cu $(CUDA_HDR) Makefile
 	@mkdir -p $(OBJ)/cuda
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
+# cuBLASLt (linear.cu) is linked dynamically, found through an rpath to the
+# library folder of the toolkit whose nvcc built the object. When it cannot be
+# loaded, dlopen of mambex_cuda.so fails and the NIF runs on the CPU only.
+CUDA_LIB_DIR := $(if $(NVCC),$(firstword $(wildcard $(realpath $(dir $(realpath $(NVCC)))../lib64) $(realpath $(dir $(realpath $(NVCC)))../lib))))
+
 $(PRIV)/mambex_cuda.so: $(CUDA_OBJ)
 	@mkdir -p $(PRIV)
-	$(NVCC) -arch=$(CUDA_ARCH) -shared -cudart static $(CUDA_OBJ) -o $@.tmp -lpthread
+	$(NVCC) -arch=$(CUDA_ARCH) -shared -cudart static $(CUDA_OBJ) -o $@.tmp \
+	  $(if $(CUDA_LIB_DIR),-L$(CUDA_LIB_DIR) -Xlinker -rpath -Xlinker $(CUDA_LIB_DIR)) -lcublasLt -lpthread
 	mv -f $@.tmp $@
 
 clean:

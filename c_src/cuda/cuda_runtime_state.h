@@ -33,6 +33,14 @@
  * cudaMallocAsync / cudaFreeAsync on the same stream, so a free is ordered
  * after every op enqueued before it.
  *
+ * cuBLASLt (linear.cu). Each device also owns one cuBLASLt handle, one
+ * workspace of MX_LT_WORKSPACE_BYTES (stream-ordered memory of the device's
+ * pool) and a small cache of per-shape matmul plans (descriptors, layouts
+ * and the chosen algorithm). All three are created by the first GEMM on the
+ * device, under `mu`, and only ever touched under `mu`; like the stream they
+ * are never torn down. GEMMs enqueue on the device's one stream, so the one
+ * workspace is never used by two GEMMs at a time.
+ *
  * Errors. Every CUDA call goes through MX_CUDA_CALL / MX_CUDA_TRY, which
  * writes "cudaMallocAsync: out of memory (cuda_runtime.cu:120)" into the
  * mx_err and maps the error: cudaErrorMemoryAllocation -> MX_E_OOM; sticky
@@ -65,6 +73,9 @@
 /* Downloads from this size on skip the staging (see download_direct). */
 #define MX_DOWNLOAD_DIRECT_BYTES ((size_t)4 << 20)
 
+/* The cuBLASLt workspace of each device (linear.cu). */
+#define MX_LT_WORKSPACE_BYTES ((size_t)32 << 20)
+
 /* Threads per block of every kernel. */
 #define MX_BLOCK 256
 
@@ -83,6 +94,11 @@ typedef struct {
   cudaStream_t stream;
   cudaMemPool_t pool;
   pthread_mutex_t mu;        /* held while enqueueing */
+
+  /* cuBLASLt state of linear.cu, created lazily under `mu` (see above). */
+  void *lt_handle;           /* cublasLtHandle_t, or NULL */
+  void *lt_workspace;        /* MX_LT_WORKSPACE_BYTES of device memory, or NULL */
+  void *lt_plans;            /* linear.cu's plan cache, or NULL */
 
   pthread_mutex_t stage_mu;  /* held while using the staging slots */
   int big_ready, small_ready;

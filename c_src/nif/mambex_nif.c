@@ -1162,6 +1162,9 @@ static ErlNifFunc nif_funcs[] = {
     /* losses (loss_nif.c): they reschedule themselves (dirty CPU for large host calls, dirty IO for CUDA enqueues) */
     {"cross_entropy", 7, nif_cross_entropy, 0},
     {"mse", 5, nif_mse, 0},
+    {"linear_forward", 4, nif_linear_forward, 0},
+    {"linear_backward", 8, nif_linear_backward, 0},
+    {"matmul", 8, nif_matmul, 0},
 };
 
 ERL_NIF_INIT(Elixir.Mambex.NIF, nif_funcs, load, NULL, upgrade, unload)

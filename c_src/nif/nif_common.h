@@ -75,6 +75,10 @@ ERL_NIF_TERM nif_swiglu_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
 /* The loss NIFs (loss_nif.c), registered in mambex_nif.c. */
 ERL_NIF_TERM nif_cross_entropy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_mse(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+/* The linear-layer NIFs (linear_nif.c), registered in mambex_nif.c. */
+ERL_NIF_TERM nif_linear_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_matmul(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 #define MX_INLINE_BYTES ((size_t)1 << 18)
 
