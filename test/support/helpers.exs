@@ -122,8 +122,16 @@ defmodule Mambex.TestHelpers do
     :erlang.garbage_collect()
     Mambex.sync(device)
 
-    Enum.reduce_while(1..1000, nil, fn _, _ ->
-      :erlang.yield()
+    # Yield first (fast), then sleep in 5 ms steps (on a loaded machine the
+    # deferred destructors can take longer than 1000 yields), up to ~2 s.
+    Enum.reduce_while(1..1400, nil, fn i, _ ->
+      if i <= 1000 do
+        :erlang.yield()
+      else
+        :erlang.garbage_collect()
+        Process.sleep(5)
+      end
+
       s = Mambex.memory_stats(device)
 
       if target == nil or
