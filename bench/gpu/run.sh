@@ -7,6 +7,7 @@
 set -u
 eval "$(sh .gpu/env.sh)"
 export MIX_ENV=test MAMBEX_RESULTS="$OUT/results"
+# the device copy's .git may lag: pass MAMBEX_COMMIT=<sha> in the command
 mkdir -p "$OUT/results"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
