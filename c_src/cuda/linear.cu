@@ -28,7 +28,10 @@
  * of A, B and C, which decides which kernels are legal), up to LT_PLANS
  * entries, least recently used replaced. The heuristic is asked once per key
  * with the device's workspace size and those alignments, and its first
- * algorithm is kept: for one key the same algorithm always runs. Every
+ * algorithm is kept, except that large TF32 GEMMs take a later candidate
+ * with the tile measured fastest for their layout when the list has one
+ * (prefer_tile, a fixed rule, no timing): for one key the same algorithm
+ * always runs. Every
  * split-K reduction scheme of cuBLASLt is ordered (through the workspace,
  * or in place with counters that keep the parts in sequence), so results
  * are bit-identical from run to run (cuBLAS's guarantee for a fixed
@@ -152,6 +155,47 @@ static int lt_ready(mx_cuda_dev *d, mx_err *err) {
   return MX_OK;
 }
 
+static int algo_attr(const cublasLtMatmulAlgo_t *a, cublasLtMatmulAlgoConfigAttributes_t attr) {
+  int32_t v = -1;
+  size_t written = 0;
+  if (cublasLtMatmulAlgoConfigGetAttribute(a, attr, &v, sizeof v, &written) !=
+          CUBLAS_STATUS_SUCCESS ||
+      written != sizeof v)
+    return -1;
+  return v;
+}
+
+/* The candidate to keep among the heuristic's results res[0 .. found), given
+ * `first`, the first usable one. Large TF32 GEMMs (m n k >= 2^31) take,
+ * when there is one, the first later candidate of the same algorithm with no
+ * split-K and the tile that was fastest for their layout on the H200
+ * (bench/results/linear_cublaslt_sweep_*.txt, cuBLASLt 13.1: the heuristic
+ * ranks 128x128 first for the forward's layout, our B not transposed, which
+ * ran 43.3 us at x {15360, 256} w {256, 1024}, 256x64 41.2 us; for the dx
+ * layout, B transposed, it ranks 256x64 first, 33.5 us, 128x128 30.9 us;
+ * the outputs had the same bits either way). A fixed rule over the
+ * heuristic's (deterministic) list: every process picks the same algorithm
+ * for a key. */
+static int prefer_tile(const lt_key *k, const cublasLtMatmulHeuristicResult_t *res, int found,
+                       int first) {
+  if (k->dtype != MX_F32 || k->precision != MX_PREC_TF32) return first;
+  if ((double)k->m * (double)k->n * (double)k->k < 2147483648.0) return first;
+  const int want_tile = k->trans_b ? CUBLASLT_MATMUL_TILE_128x128 : CUBLASLT_MATMUL_TILE_256x64;
+  const int algo_id = algo_attr(&res[first].algo, CUBLASLT_ALGO_CONFIG_ID);
+  if (algo_id < 0 || algo_attr(&res[first].algo, CUBLASLT_ALGO_CONFIG_TILE_ID) == want_tile)
+    return first;
+  for (int i = first + 1; i < found; i++) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > MX_LT_WORKSPACE_BYTES)
+      continue;
+    const cublasLtMatmulAlgo_t *a = &res[i].algo;
+    if (algo_attr(a, CUBLASLT_ALGO_CONFIG_ID) == algo_id &&
+        algo_attr(a, CUBLASLT_ALGO_CONFIG_TILE_ID) == want_tile &&
+        algo_attr(a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) == 1)
+      return i;
+  }
+  return first;
+}
+
 /* Build plan p for key k (p is empty). On failure p is left empty. */
 static int plan_build(mx_cuda_dev *d, const lt_key *k, lt_plan *p, mx_err *err) {
   const cudaDataType_t dt = k->dtype == MX_F32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -213,6 +257,7 @@ static int plan_build(mx_cuda_dev *d, const lt_key *k, lt_plan *p, mx_err *err) 
     for (int i = 0; i < found && pick < 0; i++)
       if (res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= MX_LT_WORKSPACE_BYTES)
         pick = i;
+    if (pick >= 0) pick = prefer_tile(k, res, found, pick);
     if (pick < 0)
       rc = mx_cuda_fail(err, MX_E_RUNTIME,
                         "gemm: cuBLASLt has no algorithm for m=%lld n=%lld k=%lld (%s%s)",

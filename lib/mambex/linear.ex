@@ -57,8 +57,9 @@ defmodule Mambex.Linear do
 
   CUDA runs cuBLASLt, the bias folded into the GEMM's epilogue (the forward
   is one kernel); the backward is two GEMMs and a column sum. On an H200,
-  x `{15360, 256}` · w `{256, 1024}` + bias takes 43 µs forward / 109 µs
-  backward with `:tf32`, 195 / 371 µs with `:fp32`, 24 / 55 µs in bf16.
+  x `{15360, 256}` · w `{256, 1024}` + bias takes 41 µs forward / 109 µs
+  backward with `:tf32` (the backward measured before its dx GEMM went from
+  33.5 to 30.9 µs), 195 / 371 µs with `:fp32`, 24 / 55 µs in bf16.
   The CPU runs a blocked GEMM (packed panels, a register-tiled micro-kernel
   in AVX-512, AVX2+FMA or SSE, chosen at run time) threaded over blocks of
   the output: about 190 GFLOP/s f32 on the 2-core CI machine and 1 TFLOP/s

@@ -1,0 +1,250 @@
+// linear_lt_probe.cu: times cuBLASLt / cuBLAS configurations for the Mambex linear shapes
+// (standalone; not part of the build). nvcc -O2 -arch=sm_90 linear_lt_probe.cu -lcublasLt -lcublas -o probe
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+#include <algorithm>
+#include <functional>
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); exit(1);} } while (0)
+#define CB(x) do { cublasStatus_t s_ = (x); if (s_ != CUBLAS_STATUS_SUCCESS) { printf("cuBLAS %s at %d: %d\n", #x, __LINE__, (int)s_); exit(1);} } while (0)
+
+static cudaStream_t S;
+static cublasLtHandle_t LT;
+static cublasHandle_t BL;
+static void *WS;
+static const size_t WS_BYTES = (size_t)256 << 20;
+static const int RUNS = 60;
+
+// Reference on sampled entries: C[i][j] = sum_l A(i,l) B(l,j) (+ bias[j]) in double.
+__global__ void ref_check(const float *A, long sa0, long sa1, const float *B, long sb0, long sb1,
+                          const float *bias, const float *C, long ldc, long M, long N, long K,
+                          int samples, unsigned seed, double *maxrel) {
+  int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= samples) return;
+  unsigned h = seed ^ (t * 2654435761u);
+  h ^= h >> 13; h *= 0x5bd1e995; h ^= h >> 15;
+  long i = h % M;
+  h = h * 1103515245u + 12345u; h ^= h >> 11;
+  long j = h % N;
+  double s = 0, sa = 0;
+  for (long l = 0; l < K; l++) { double p = (double)A[i * sa0 + l * sa1] * B[l * sb0 + j * sb1]; s += p; sa += fabs(p); }
+  if (bias) { s += bias[j]; sa += fabs(bias[j]); }
+  double e = fabs(C[i * ldc + j] - s) / (sa + 1e-30);
+  unsigned long long *m = (unsigned long long *)maxrel;
+  atomicMax(m, __double_as_longlong(e));  // e >= 0: bit order = value order
+}
+
+__global__ void transpose_k(const float *__restrict__ in, float *__restrict__ out, int rows, int cols) {
+  __shared__ float t[32][33];
+  int c = blockIdx.x * 32 + threadIdx.x, r0 = blockIdx.y * 32;
+  for (int y = threadIdx.y; y < 32; y += 8) if (r0 + y < rows && c < cols) t[y][threadIdx.x] = in[(long)(r0 + y) * cols + c];
+  __syncthreads();
+  int oc = r0 + threadIdx.x, orow0 = blockIdx.x * 32;
+  for (int y = threadIdx.y; y < 32; y += 8) if (orow0 + y < cols && oc < rows) out[(long)(orow0 + y) * rows + oc] = t[threadIdx.x][y];
+}
+static void transpose(const float *in, float *out, int rows, int cols) {
+  dim3 g((cols + 31) / 32, (rows + 31) / 32), b(32, 8);
+  transpose_k<<<g, b, 0, S>>>(in, out, rows, cols);
+}
+
+__global__ void count_diff(const unsigned *a, const unsigned *b, long n, unsigned long long *cnt) {
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+    if (a[i] != b[i]) atomicAdd(cnt, 1ull);
+}
+
+static double *d_rel; static unsigned long long *d_cnt;
+
+template <class F> static double median_us(F f, int runs = RUNS) {
+  std::vector<cudaEvent_t> ev(2 * runs);
+  for (auto &e : ev) CK(cudaEventCreate(&e));
+  for (int i = 0; i < 5; i++) f();
+  for (int i = 0; i < runs; i++) { CK(cudaEventRecord(ev[2 * i], S)); f(); CK(cudaEventRecord(ev[2 * i + 1], S)); }
+  CK(cudaStreamSynchronize(S));
+  std::vector<float> t(runs);
+  for (int i = 0; i < runs; i++) CK(cudaEventElapsedTime(&t[i], ev[2 * i], ev[2 * i + 1]));
+  for (auto &e : ev) cudaEventDestroy(e);
+  std::sort(t.begin(), t.end());
+  return 1000.0 * t[runs / 2];
+}
+
+struct Prob {  // row-major C (M, N) = A (M, K) B (K, N) [+ bias], A(i,l) at i*sa0+l*sa1 etc.
+  const float *A; long sa0, sa1; const float *B; long sb0, sb1; const float *bias; float *C; long M, N, K;
+};
+static double check(const Prob &p) {
+  CK(cudaMemsetAsync(d_rel, 0, 8, S));
+  ref_check<<<16, 256, 0, S>>>(p.A, p.sa0, p.sa1, p.B, p.sb0, p.sb1, p.bias, p.C, p.N, p.M, p.N, p.K, 4096, 1234u, d_rel);
+  double r; CK(cudaMemcpyAsync(&r, d_rel, 8, cudaMemcpyDeviceToHost, S)); CK(cudaStreamSynchronize(S));
+  return r;
+}
+
+
+// Lt problem (column-major view): D (n_d x m_d, ld ldd) = op(LA) op(LB) [+ bias per row of D]
+struct LtCfg {
+  const char *name; cublasComputeType_t ct; cudaDataType_t scale;
+  cublasOperation_t ta, tb; long ra, ca, lda_, rb, cb, ldb_, rd, cd, ldd; int order_row; int bias;
+  const void *A, *Bm, *biasp; void *D; size_t ws; int req, time_max; Prob ref; float *D2;
+};
+
+static void algo_desc(const cublasLtMatmulHeuristicResult_t &r, char *buf) {
+  int id = 0, tile = 0, stages = 0, sk = 0, red = 0, swz = 0, cust = 0, cl = 0, inner = 0; size_t w;
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof id, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof sk, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof red, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swz, sizeof swz, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &cust, sizeof cust, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cl, sizeof cl, &w);
+  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, &inner, sizeof inner, &w);
+  sprintf(buf, "algo %d tile %d stages %d splitk %d red %d swz %d cust %d cluster %d inner %d waves %.2f ws %zu",
+          id, tile, stages, sk, red, swz, cust, cl, inner, r.wavesCount, r.workspaceSize);
+}
+
+// Returns the time of the first candidate (or -1).
+static double lt_run(const LtCfg &c, std::function<void()> pre = nullptr, const char *pre_name = nullptr) {
+  cublasLtMatmulDesc_t op; cublasLtMatrixLayout_t la, lb, ld; cublasLtMatmulPreference_t pref;
+  CB(cublasLtMatmulDescCreate(&op, c.ct, c.scale));
+  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &c.ta, sizeof c.ta));
+  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &c.tb, sizeof c.tb));
+  if (c.bias) {
+    cublasLtEpilogue_t e = CUBLASLT_EPILOGUE_BIAS; cudaDataType_t dt = CUDA_R_32F;
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &dt, sizeof dt));
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &c.biasp, sizeof c.biasp));
+  }
+  CB(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, c.ra, c.ca, c.lda_));
+  CB(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, c.rb, c.cb, c.ldb_));
+  CB(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, c.rd, c.cd, c.ldd));
+  if (c.order_row) {
+    cublasLtOrder_t o = CUBLASLT_ORDER_ROW;
+    CB(cublasLtMatrixLayoutSetAttribute(la, CUBLASLT_MATRIX_LAYOUT_ORDER, &o, sizeof o));
+    CB(cublasLtMatrixLayoutSetAttribute(lb, CUBLASLT_MATRIX_LAYOUT_ORDER, &o, sizeof o));
+    CB(cublasLtMatrixLayoutSetAttribute(ld, CUBLASLT_MATRIX_LAYOUT_ORDER, &o, sizeof o));
+  }
+  CB(cublasLtMatmulPreferenceCreate(&pref));
+  uint64_t ws = c.ws;
+  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+  uint32_t al = 256;
+  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al, 4));
+  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al, 4));
+  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al, 4));
+  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al, 4));
+  std::vector<cublasLtMatmulHeuristicResult_t> res(c.req);
+  int found = 0;
+  cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(LT, op, la, lb, ld, ld, pref, c.req, res.data(), &found);
+  printf("== %s: heuristic %d, %d found (ws %zu)\n", c.name, (int)hs, found, c.ws);
+  double first = -1;
+  float alpha = 1, beta = 0;
+  for (int i = 0; i < found && i < c.time_max; i++) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    auto f = [&]() {
+      if (pre) pre();
+      cublasStatus_t s = cublasLtMatmul(LT, op, &alpha, c.A, la, c.Bm, lb, &beta, c.D, ld, c.D, ld, &res[i].algo, WS, WS_BYTES, S);
+      if (s != CUBLAS_STATUS_SUCCESS) { printf("matmul failed %d\n", (int)s); exit(1); }
+    };
+    CK(cudaMemsetAsync(c.D, 0xff, c.rd * c.cd * 4, S));
+    double t = median_us(f);
+    double rel = check(c.ref);
+    // bit identity: rerun into D2 by copying
+    CK(cudaMemcpyAsync(c.D2, c.D, c.rd * c.cd * 4, cudaMemcpyDeviceToDevice, S));
+    CK(cudaMemsetAsync(c.D, 0xff, c.rd * c.cd * 4, S));
+    f();
+    CK(cudaMemsetAsync(d_cnt, 0, 8, S));
+    count_diff<<<1024, 256, 0, S>>>((unsigned *)c.D, (unsigned *)c.D2, c.rd * c.cd, d_cnt);
+    unsigned long long nd; CK(cudaMemcpyAsync(&nd, d_cnt, 8, cudaMemcpyDeviceToHost, S)); CK(cudaStreamSynchronize(S));
+    char buf[256]; algo_desc(res[i], buf);
+    printf("  #%2d %8.2f us  rel %.1e diff %llu  %s%s%s\n", i, t, rel, nd, buf, pre_name ? "  +" : "", pre_name ? pre_name : "");
+    if (first < 0) first = t;
+  }
+  fflush(stdout);
+  cublasLtMatmulPreferenceDestroy(pref); cublasLtMatrixLayoutDestroy(la); cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(ld); cublasLtMatmulDescDestroy(op);
+  return first;
+}
+
+static float *dev_rand(long n, unsigned seed) {
+  std::vector<float> h(n); unsigned s = seed;
+  for (long i = 0; i < n; i++) { s = s * 1664525u + 1013904223u; h[i] = ((s >> 8) / 16777216.0f) * 2 - 1; }
+  float *d; CK(cudaMalloc(&d, n * 4)); CK(cudaMemcpy(d, h.data(), n * 4, cudaMemcpyHostToDevice)); return d;
+}
+
+int main() {
+  CK(cudaStreamCreate(&S)); CB(cublasLtCreate(&LT)); CB(cublasCreate(&BL)); CB(cublasSetStream(BL, S));
+  CK(cudaMalloc(&WS, WS_BYTES)); CB(cublasSetWorkspace(BL, WS, WS_BYTES));
+  CK(cudaMalloc(&d_rel, 8)); CK(cudaMalloc(&d_cnt, 8));
+  cudaDeviceProp pr; CK(cudaGetDeviceProperties(&pr, 0));
+  printf("device %s, %d SMs, cuBLASLt %zu, runtime %d\n", pr.name, pr.multiProcessorCount, cublasLtGetVersion(), CUDART_VERSION);
+  const long M = 15360, N = 1024, K = 256;
+  float *X = dev_rand(M * K, 1), *W = dev_rand(K * N, 2), *b = dev_rand(N, 3), *dY = dev_rand(M * N, 4);
+  float *Wt, *Y, *Y2, *dX, *dW;
+  CK(cudaMalloc(&Wt, K * N * 4)); CK(cudaMalloc(&Y, M * N * 4)); CK(cudaMalloc(&Y2, M * N * 4));
+  CK(cudaMalloc(&dX, M * K * 4)); CK(cudaMalloc(&dW, K * N * 4));
+  transpose(W, Wt, K, N); CK(cudaStreamSynchronize(S));
+  printf("transpose W (256x1024) alone: %.2f us\n", median_us([&]() { transpose(W, Wt, K, N); }));
+
+  const cublasComputeType_t TF = CUBLAS_COMPUTE_32F_FAST_TF32, F32 = CUBLAS_COMPUTE_32F;
+  const cublasOperation_t NO = CUBLAS_OP_N, TR = CUBLAS_OP_T;
+  const size_t WS32 = (size_t)32 << 20;
+  for (int ms = 0; ms < 3; ms++) {
+    const long m = ms == 0 ? M : ms == 1 ? 1920 : 60;
+    const int tmax = ms == 0 ? 32 : 3;
+    Prob ref = {X, K, 1, W, N, 1, b, Y, m, N, K};
+    Prob refnb = {X, K, 1, W, N, 1, nullptr, Y, m, N, K};
+    char n1[96], n2[96], n3[96], n4[96];
+    sprintf(n1, "fwd NN tf32 bias m%ld", m); sprintf(n2, "fwd TN tf32 bias m%ld (Wt given)", m);
+    sprintf(n3, "fwd NN tf32 nobias m%ld", m); sprintf(n4, "fwd TN tf32 nobias m%ld", m);
+    // NN: Lt A = W col-major (N x K, ld N), Lt B = X col-major (K x m, ld K)
+    lt_run({n1, TF, CUDA_R_32F, NO, NO, N, K, N, K, m, K, N, m, N, 0, 1, W, X, b, Y, WS32, 32, tmax, ref, Y2});
+    // TN: Lt A = Wt stored (K x N col-major, ld K), op T
+    lt_run({n2, TF, CUDA_R_32F, TR, NO, K, N, K, K, m, K, N, m, N, 0, 1, Wt, X, b, Y, WS32, 32, tmax, ref, Y2});
+    lt_run({n2, TF, CUDA_R_32F, TR, NO, K, N, K, K, m, K, N, m, N, 0, 1, Wt, X, b, Y, WS32, 32, 2, ref, Y2},
+           [&]() { transpose(W, Wt, K, N); }, "transpose");
+    if (ms == 0) {
+      lt_run({n3, TF, CUDA_R_32F, NO, NO, N, K, N, K, m, K, N, m, N, 0, 0, W, X, nullptr, Y, WS32, 32, 8, refnb, Y2});
+      lt_run({n4, TF, CUDA_R_32F, TR, NO, K, N, K, K, m, K, N, m, N, 0, 0, Wt, X, nullptr, Y, WS32, 32, 8, refnb, Y2});
+      lt_run({"fwd NN tf32 bias ws0", TF, CUDA_R_32F, NO, NO, N, K, N, K, m, K, N, m, N, 0, 1, W, X, b, Y, 0, 32, 4, ref, Y2});
+      lt_run({"fwd NN tf32 bias ws256M", TF, CUDA_R_32F, NO, NO, N, K, N, K, m, K, N, m, N, 0, 1, W, X, b, Y, WS_BYTES, 32, 4, ref, Y2});
+      // row order: D (m x N) = X (m x K) W (K x N), all row-major, no bias
+      lt_run({"fwd ROW tf32 nobias", TF, CUDA_R_32F, NO, NO, m, K, K, K, N, N, m, N, N, 1, 0, X, W, nullptr, Y, WS32, 32, 8, refnb, Y2});
+      // fp32
+      lt_run({"fwd NN fp32 bias", F32, CUDA_R_32F, NO, NO, N, K, N, K, m, K, N, m, N, 0, 1, W, X, b, Y, WS32, 32, 8, ref, Y2});
+      lt_run({"fwd TN fp32 bias (Wt given)", F32, CUDA_R_32F, TR, NO, K, N, K, K, m, K, N, m, N, 0, 1, Wt, X, b, Y, WS32, 32, 8, ref, Y2});
+      // legacy cuBLAS, no bias
+      float a1 = 1, b0 = 0;
+      CK(cudaMemsetAsync(Y, 0xff, m * N * 4, S));
+      double t1 = median_us([&]() { CB(cublasGemmEx(BL, NO, NO, N, m, K, &a1, W, CUDA_R_32F, N, X, CUDA_R_32F, K, &b0, Y, CUDA_R_32F, N, TF, CUBLAS_GEMM_DEFAULT_TENSOR_OP)); });
+      printf("legacy cublasGemmEx NN FAST_TF32 nobias: %.2f us rel %.1e\n", t1, check(refnb));
+      double t2 = median_us([&]() { CB(cublasGemmEx(BL, TR, NO, N, m, K, &a1, Wt, CUDA_R_32F, K, X, CUDA_R_32F, K, &b0, Y, CUDA_R_32F, N, TF, CUBLAS_GEMM_DEFAULT_TENSOR_OP)); });
+      printf("legacy cublasGemmEx TN FAST_TF32 nobias: %.2f us rel %.1e\n", t2, check(refnb));
+      CB(cublasSetMathMode(BL, CUBLAS_TF32_TENSOR_OP_MATH));
+      double t3 = median_us([&]() { CB(cublasSgemm(BL, NO, NO, N, m, K, &a1, W, N, X, K, &b0, Y, N)); });
+      printf("legacy cublasSgemm NN TF32_TENSOR_OP_MATH nobias: %.2f us rel %.1e\n", t3, check(refnb));
+      double t4 = median_us([&]() { CB(cublasSgemm(BL, TR, NO, N, m, K, &a1, Wt, K, X, K, &b0, Y, N)); });
+      printf("legacy cublasSgemm TN TF32_TENSOR_OP_MATH nobias: %.2f us rel %.1e\n", t4, check(refnb));
+      CB(cublasSetMathMode(BL, CUBLAS_DEFAULT_MATH));
+      // memset floor: writing 63 MB
+      printf("cudaMemsetAsync Y (63 MB): %.2f us\n", median_us([&]() { CK(cudaMemsetAsync(Y, 0, m * N * 4, S)); }));
+      fflush(stdout);
+    }
+  }
+  // backward shapes (the NIF's gemm args): dx (M,K) = dY (M,N) W^T: Lt A = W stored (N x K col-major ld N) op T, Lt B = dY (N x M ld N) op N
+  {
+    Prob r = {dY, N, 1, W, 1, N, nullptr, dX, M, K, N};
+    lt_run({"dx TN tf32", TF, CUDA_R_32F, TR, NO, N, K, N, N, M, N, K, M, K, 0, 0, W, dY, nullptr, dX, WS32, 32, 16, r, (float *)Y2});
+    lt_run({"dx TN fp32", F32, CUDA_R_32F, TR, NO, N, K, N, N, M, N, K, M, K, 0, 0, W, dY, nullptr, dX, WS32, 32, 4, r, (float *)Y2});
+  }
+  // dW (K,N) = X^T dY: Lt A = dY (N x M col-major ld N) op N, Lt B = X stored (K x M ld K) op T; D (N x K ld N)
+  {
+    Prob r = {X, 1, K, dY, N, 1, nullptr, dW, K, N, M};
+    lt_run({"dW NT tf32", TF, CUDA_R_32F, NO, TR, N, M, N, K, M, K, N, K, N, 0, 0, dY, X, nullptr, dW, WS32, 32, 16, r, (float *)Y2});
+    lt_run({"dW NT tf32 ws256M", TF, CUDA_R_32F, NO, TR, N, M, N, K, M, K, N, K, N, 0, 0, dY, X, nullptr, dW, WS_BYTES, 32, 8, r, (float *)Y2});
+    lt_run({"dW NT fp32", F32, CUDA_R_32F, NO, TR, N, M, N, K, M, K, N, K, N, 0, 0, dY, X, nullptr, dW, WS32, 32, 4, r, (float *)Y2});
+  }
+  printf("done\n");
+  return 0;
+}
