@@ -104,14 +104,52 @@ defmodule Mambex.ModelTest do
     assert List.last(l1) < 0.8 * hd(l1), "loss did not fall: #{inspect(l1)}"
   end
 
-  test "parameters and optimizer state survive a checkpoint round trip" do
+  test "save and load: training resumes exactly where it stopped; bad files are errors" do
+    {inputs, targets} = data(3, 6, 3, 4, {:f, 32}, 14)
     model = Model.new(@tiny ++ [seed: 2])
+    opt = Model.optimizer(model, lr: 5.0e-3, max_grad_norm: 1.0)
+    steps = fn m, o, k -> Enum.reduce(1..k, {m, o, nil}, fn _, {m, o, _} -> Model.train_step(m, o, inputs, targets) end) end
+    {model, opt, _} = steps.(model, opt, 3)
     path = Path.join(System.tmp_dir!(), "mambex_model_#{System.unique_integer([:positive])}.bin")
-    :ok = Checkpoint.write(path, model.params, %{"d_model" => 8})
-    {:ok, params, %{"d_model" => 8}} = Checkpoint.read(path)
-    File.rm!(path)
+    :ok = Model.save(path, model, opt)
+    {:ok, loaded, lopt} = Model.load(path)
+    assert loaded.config == model.config
+    for {k, v} <- model.params, do: assert(Tensor.to_binary(loaded.params[k]) == Tensor.to_binary(v), k)
+    assert Mambex.AdamW.step_count(lopt) == 3
 
-    for {k, v} <- model.params, do: assert(Tensor.to_binary(params[k]) == Tensor.to_binary(v), k)
+    # continuing both gives the same bits
+    {m1, _, l1} = steps.(model, opt, 2)
+    {m2, _, l2} = steps.(loaded, lopt, 2)
+    assert read(l1) == read(l2)
+    for {k, v} <- m1.params, do: assert(Tensor.to_binary(m2.params[k]) == Tensor.to_binary(v), k)
+
+    # without an optimizer
+    :ok = Model.save(path, model)
+    assert {:ok, _, nil} = Model.load(path)
+
+    # truncated and corrupted files, and files of another shape, are errors
+    bin = File.read!(path)
+    for cut <- [0, 10, div(byte_size(bin), 2), byte_size(bin) - 1] do
+      File.write!(path, binary_part(bin, 0, cut))
+      assert {:error, msg} = Model.load(path)
+      assert is_binary(msg)
+    end
+
+    {:ok, tensors, numbers} = Mambex.Checkpoint.decode(bin)
+    bad = [
+      {Map.delete(tensors, "param/head.bias"), numbers},
+      {tensors, Map.put(numbers, "model.d_model", 9)},
+      {tensors, Map.put(numbers, "model.d_state", 0)},
+      {tensors, Map.delete(numbers, "model.eps")},
+      {Map.put(tensors, "param/extra", Tensor.zeros({1})), numbers}
+    ]
+
+    for {t, n} <- bad do
+      :ok = Mambex.Checkpoint.write(path, t, n)
+      assert {:error, _} = Model.load(path)
+    end
+
+    File.rm!(path)
   end
 
   # ~4 s on a 2-core machine: part of the normal suite.

@@ -1,4 +1,5 @@
 defmodule Mambex.Model do
+  import Bitwise, only: [<<<: 2]
   @moduledoc """
   A stack of Mamba blocks that trains on the device from Elixir.
 
@@ -21,7 +22,7 @@ defmodule Mambex.Model do
   gradient-norm clipping and AdamW, and returns the loss as a device scalar.
   """
 
-  alias Mambex.{AdamW, Linear, Loss, Mamba, Norm, Ops, Tensor}
+  alias Mambex.{AdamW, Checkpoint, Linear, Loss, Mamba, Norm, Ops, Tensor}
 
   @enforce_keys [:config, :params, :device]
   defstruct [:config, :params, :device]
@@ -270,5 +271,246 @@ defmodule Mambex.Model do
     {loss, grads} = loss_and_grad(model, inputs, targets, opts)
     opt = AdamW.step(opt, model.params, grads)
     {model, opt, loss}
+  end
+
+  # ---- save and load -------------------------------------------------------
+
+  @doc """
+  The name, shape and type of every parameter of a model with `config`
+  (what `new/1` creates and `load/2` expects).
+  """
+  @spec param_specs(map()) :: %{String.t() => {tuple(), Tensor.type()}}
+  def param_specs(cfg) do
+    %{d_model: dm, features: f, outputs: o, type: type} = cfg
+    %{d_inner: di, d_state: n, d_conv: w, dt_rank: r} = cfg.block
+
+    block = %{
+      "in_proj_x.weight" => {dm, di},
+      "in_proj_z.weight" => {dm, di},
+      "conv.weight" => {di, w},
+      "conv.bias" => {di},
+      "x_proj.weight" => {di, r + 2 * n},
+      "dt_proj.weight" => {r, di},
+      "dt_proj.bias" => {di},
+      "a_log" => {di, n},
+      "d" => {di},
+      "out_proj.weight" => {di, dm}
+    }
+
+    layers =
+      for l <- 0..(cfg.n_layers - 1)//1,
+          {k, shape} <- Map.put(Map.new(block, fn {k, v} -> {"mixer." <> k, v} end), "norm.weight", {dm}),
+          into: %{},
+          do: {"layers.#{l}.#{k}", shape}
+
+    Map.merge(layers, %{
+      "in.weight" => {f, dm},
+      "in.bias" => {dm},
+      "norm_f.weight" => {dm},
+      "head.weight" => {dm, o},
+      "head.bias" => {o}
+    })
+    |> Map.new(fn {k, shape} -> {k, {shape, type}} end)
+  end
+
+  @doc """
+  Saves the model's configuration and parameters, and the optimizer state
+  when given, to `path` (format: `Mambex.Checkpoint`). Tensors are named
+  `param/<name>`, `adamw.m/<name>`, `adamw.v/<name>`, `adamw.step`,
+  `adamw.lr`; numbers `model.*` and `adamw.*`. Reads the tensors (waits for
+  the device).
+  """
+  @spec save(Path.t(), t(), AdamW.t() | nil) :: :ok | {:error, term()}
+  def save(path, %__MODULE__{config: cfg, params: p}, opt \\ nil) do
+    b = cfg.block
+
+    numbers = %{
+      "format.model" => 1,
+      "model.features" => cfg.features,
+      "model.outputs" => cfg.outputs,
+      "model.d_model" => cfg.d_model,
+      "model.n_layers" => cfg.n_layers,
+      "model.d_state" => b.d_state,
+      "model.d_conv" => b.d_conv,
+      "model.d_inner" => b.d_inner,
+      "model.dt_rank" => b.dt_rank,
+      "model.eps" => cfg.eps / 1,
+      "model.f64" => if(cfg.type == {:f, 64}, do: 1, else: 0)
+    }
+
+    tensors = Map.new(p, fn {k, v} -> {"param/" <> k, v} end)
+
+    {tensors, numbers} =
+      case opt do
+        nil ->
+          {tensors, numbers}
+
+        %AdamW{} = o ->
+          t =
+            tensors
+            |> Map.merge(Map.new(o.m, fn {k, v} -> {"adamw.m/" <> k, v} end))
+            |> Map.merge(Map.new(o.v, fn {k, v} -> {"adamw.v/" <> k, v} end))
+            |> Map.merge(%{"adamw.step" => o.step, "adamw.lr" => o.lr})
+
+          n =
+            numbers
+            |> Map.merge(%{
+              "adamw.beta1" => o.beta1 / 1,
+              "adamw.beta2" => o.beta2 / 1,
+              "adamw.eps" => o.eps / 1,
+              "adamw.weight_decay" => o.weight_decay / 1,
+              "adamw.max_grad_norm" => (o.max_grad_norm || 0.0) / 1,
+              "adamw.track_grad_norm" => if(o.track_grad_norm, do: 1, else: 0)
+            })
+            |> Map.merge(Map.new(o.decay, fn {k, v} -> {"adamw.decay/" <> k, if(v, do: 1, else: 0)} end))
+
+          {t, n}
+      end
+
+    Checkpoint.write(path, tensors, numbers)
+  end
+
+  @doc """
+  Loads a file written by `save/3` onto `device`: `{:ok, model, optimizer
+  | nil}` or `{:error, reason}`. Every name, shape, type and number is
+  checked against the configuration the file declares before anything is
+  used; a truncated or corrupt file is an error, never a crash, and no
+  atom is made from its contents.
+  """
+  @spec load(Path.t(), Tensor.device()) :: {:ok, t(), AdamW.t() | nil} | {:error, String.t()}
+  def load(path, device \\ :cpu) do
+    with {:ok, tensors, numbers} <- Checkpoint.read(path, device),
+         {:ok, cfg} <- config_from(numbers),
+         {:ok, params} <- take_params(tensors, cfg),
+         {:ok, opt} <- take_optimizer(tensors, numbers, params, cfg) do
+      {:ok, %__MODULE__{config: cfg, params: params, device: device}, opt}
+    end
+  end
+
+  defp int(numbers, key, min, max) do
+    case Map.fetch(numbers, key) do
+      {:ok, v} when is_integer(v) and v >= min and v <= max -> {:ok, v}
+      {:ok, v} -> {:error, "#{key} = #{inspect(v)} is out of range #{min}..#{max}"}
+      :error -> {:error, "#{key} is missing"}
+    end
+  end
+
+  defp float(numbers, key, min, max) do
+    case Map.fetch(numbers, key) do
+      {:ok, v} when is_float(v) and v >= min and v <= max -> {:ok, v}
+      {:ok, v} -> {:error, "#{key} = #{inspect(v)} is not a float in [#{min}, #{max}]"}
+      :error -> {:error, "#{key} is missing"}
+    end
+  end
+
+  defp config_from(nums) do
+    big = 1 <<< 20
+
+    with {:ok, 1} <- int(nums, "format.model", 1, 1),
+         {:ok, f} <- int(nums, "model.features", 1, big),
+         {:ok, o} <- int(nums, "model.outputs", 1, big),
+         {:ok, dm} <- int(nums, "model.d_model", 1, big),
+         {:ok, nl} <- int(nums, "model.n_layers", 1, 1024),
+         {:ok, n} <- int(nums, "model.d_state", 1, 256),
+         {:ok, w} <- int(nums, "model.d_conv", 1, 8),
+         {:ok, di} <- int(nums, "model.d_inner", 1, big),
+         {:ok, r} <- int(nums, "model.dt_rank", 1, big),
+         {:ok, eps} <- float(nums, "model.eps", 0.0, 1.0),
+         {:ok, f64} <- int(nums, "model.f64", 0, 1) do
+      {:ok,
+       %{
+         features: f,
+         outputs: o,
+         d_model: dm,
+         n_layers: nl,
+         eps: eps,
+         type: if(f64 == 1, do: {:f, 64}, else: {:f, 32}),
+         block: %{d_model: dm, d_inner: di, d_state: n, d_conv: w, dt_rank: r}
+       }}
+    end
+  end
+
+  defp take_params(tensors, cfg) do
+    specs = param_specs(cfg)
+
+    Enum.reduce_while(specs, {:ok, %{}}, fn {name, {shape, type}}, {:ok, acc} ->
+      case Map.fetch(tensors, "param/" <> name) do
+        {:ok, %Tensor{shape: ^shape, type: ^type} = t} ->
+          {:cont, {:ok, Map.put(acc, name, t)}}
+
+        {:ok, t} ->
+          {:halt, {:error, "param/#{name} has shape #{inspect(t.shape)} and type #{inspect(t.type)}, expected #{inspect(shape)} #{inspect(type)}"}}
+
+        :error ->
+          {:halt, {:error, "param/#{name} is missing"}}
+      end
+    end)
+    |> case do
+      {:ok, params} ->
+        extra = for "param/" <> k <- Map.keys(tensors), not Map.has_key?(specs, k), do: k
+        if extra == [], do: {:ok, params}, else: {:error, "unexpected parameters #{inspect(Enum.take(extra, 5))}"}
+
+      error ->
+        error
+    end
+  end
+
+  defp take_optimizer(tensors, numbers, params, cfg) do
+    if not Map.has_key?(tensors, "adamw.step") do
+      {:ok, nil}
+    else
+      with :ok <- (cfg.type == {:f, 32} && :ok) || {:error, "an optimizer state needs {:f, 32} parameters"},
+           {:ok, b1} <- float(numbers, "adamw.beta1", 0.0, 1.0),
+           {:ok, b2} <- float(numbers, "adamw.beta2", 0.0, 1.0),
+           {:ok, eps} <- float(numbers, "adamw.eps", 0.0, 1.0),
+           {:ok, wd} <- float(numbers, "adamw.weight_decay", 0.0, 1.0e6),
+           {:ok, mn} <- float(numbers, "adamw.max_grad_norm", 0.0, 1.0e30),
+           {:ok, track} <- int(numbers, "adamw.track_grad_norm", 0, 1),
+           {:ok, decay} <- decay_names(numbers, params),
+           {:ok, step} <- scalar_tensor(tensors, "adamw.step", {:s, 32}),
+           {:ok, lr} <- scalar_tensor(tensors, "adamw.lr", {:f, 32}),
+           {:ok, m} <- moments(tensors, "adamw.m/", params),
+           {:ok, v} <- moments(tensors, "adamw.v/", params) do
+        opt =
+          AdamW.init(params,
+            betas: {b1, b2},
+            eps: eps,
+            weight_decay: wd,
+            max_grad_norm: if(mn > 0, do: mn),
+            grad_norm: track == 1 or mn > 0,
+            decay: decay
+          )
+
+        {:ok, %{opt | m: m, v: v, step: step, lr: lr}}
+      end
+    end
+  end
+
+  defp decay_names(numbers, params) do
+    Enum.reduce_while(Map.keys(params), {:ok, []}, fn name, {:ok, acc} ->
+      case int(numbers, "adamw.decay/" <> name, 0, 1) do
+        {:ok, 1} -> {:cont, {:ok, [name | acc]}}
+        {:ok, 0} -> {:cont, {:ok, acc}}
+        error -> {:halt, error}
+      end
+    end)
+  end
+
+  defp scalar_tensor(tensors, key, type) do
+    case Map.fetch(tensors, key) do
+      {:ok, %Tensor{shape: {}, type: ^type} = t} -> {:ok, t}
+      {:ok, _} -> {:error, "#{key} must be a {} #{inspect(type)} tensor"}
+      :error -> {:error, "#{key} is missing"}
+    end
+  end
+
+  defp moments(tensors, prefix, params) do
+    Enum.reduce_while(params, {:ok, %{}}, fn {name, %Tensor{shape: shape}}, {:ok, acc} ->
+      case Map.fetch(tensors, prefix <> name) do
+        {:ok, %Tensor{shape: ^shape, type: {:f, 32}} = t} -> {:cont, {:ok, Map.put(acc, name, t)}}
+        {:ok, _} -> {:halt, {:error, "#{prefix}#{name} does not match its parameter"}}
+        :error -> {:halt, {:error, "#{prefix}#{name} is missing"}}
+      end
+    end)
   end
 end
