@@ -37,11 +37,33 @@ defmodule Mambex.Mamba do
   the inverse softplus of dt = exp(U(log 0.001, log 0.1)) (at least 1e-4),
   S4D-real `a_log[d, n] = log(n + 1)`, `d = 1`, and `out_proj.weight`
   divided by sqrt(n_layers) (the prenorm-residual rescaling).
+
+  ## Recurrent state
+
+  The block carries two tensors from one step to the next (a `t:state/0`,
+  `{conv_state, ssm_state}`, both of the parameter type):
+
+    * `conv_state` `{B, d_inner, d_conv - 1}`: the last `d_conv - 1` inputs
+      of the convolution (`xi`), oldest first (`Mambex.Conv1d`'s state);
+    * `ssm_state` `{B, d_inner, d_state}`: the scan's `h` after the last
+      step (`Mambex.Scan`'s state).
+
+  `forward/4` takes an `:initial_state` and returns the final state in its
+  context; `step/5` runs one step (L = 1) from a state and returns the next.
+  Running a sequence in pieces, or step by step, gives the outputs of one
+  `forward/4` over the whole sequence (up to rounding).
+
+  A reset of row `b` at step `t` makes the block behave, for that row, as if
+  its sequence started at `t`: the scan state entering `t` is zero and the
+  convolution sees zeros, not the inputs before `t`.
   """
 
   alias Mambex.{Conv1d, Linear, Ops, Scan, Tensor}
 
   @type params :: %{String.t() => Tensor.t()}
+
+  @typedoc "`{conv_state {B, d_inner, d_conv - 1}, ssm_state {B, d_inner, d_state}}`."
+  @type state :: {Tensor.t(), Tensor.t()}
 
   @typedoc "Block sizes: derived from `d_model` and the defaults of `config/2`."
   @type config :: %{
@@ -53,9 +75,15 @@ defmodule Mambex.Mamba do
         }
 
   defmodule Context do
-    @moduledoc "What `Mambex.Mamba.backward/4` needs from a forward call."
+    @moduledoc """
+    What `Mambex.Mamba.backward/4` needs from a forward call, and the
+    block's final state (`:final_state`, a `t:Mambex.Mamba.state/0`).
+    `:conv` is one `Mambex.Conv1d.Context`, or, when the forward had
+    resets, a list of `{start, length, keep, context}` pieces of the window
+    (see `Mambex.Mamba.forward/4`).
+    """
     @enforce_keys [:x, :xc, :dt, :y, :conv, :scan, :a]
-    defstruct [:x, :xc, :dt, :y, :conv, :scan, :a]
+    defstruct [:x, :xc, :dt, :y, :conv, :scan, :a, :final_state]
     @type t :: %__MODULE__{}
   end
 
@@ -144,16 +172,65 @@ defmodule Mambex.Mamba do
   end
 
   @doc """
-  The block's forward on `x` `{B, L, d_model}`. Returns `{out, context}`.
-  Options: `:precision` of the projections (`:fp32` or `:tf32`).
+  The block's forward on `x` `{B, L, d_model}`. Returns `{out, context}`;
+  `context.final_state` is the block's state after the last step.
+
+  Options:
+
+    * `:precision` of the projections (`:fp32` or `:tf32`)
+    * `:initial_state` — a `t:state/0` to start from (default zeros)
+    * `:reset` — `{B, L}` `{:u, 8}`: where non-zero, that row starts afresh
+      at that step (zero scan state, and a convolution that does not see
+      the inputs before it). The convolution is then run in pieces split at
+      the steps where some row resets (their rows' carried convolution state
+      zeroed in between), so the reset is read to the host (a sync on a
+      GPU): for the one-step case, use `step/5`.
   """
   @spec forward(params(), config(), Tensor.t(), keyword()) :: {Tensor.t(), Context.t()}
   def forward(p, cfg, x, opts \\ []) do
-    prec = Keyword.get(opts, :precision, :fp32)
+    opts = Keyword.validate!(opts, [:initial_state, :reset, precision: :fp32])
+    {conv_init, ssm_init} = opts[:initial_state] || {nil, nil}
+    reset = opts[:reset]
+
+    conv = fn xi ->
+      if reset, do: conv_with_resets(xi, p, conv_init, reset), else: conv_whole(xi, p, conv_init)
+    end
+
+    block(p, cfg, x, conv, [initial_state: ssm_init, reset: reset], opts[:precision])
+  end
+
+  @doc """
+  One step of the block: `x` `{B, 1, d_model}` and the block's `state` (a
+  `t:state/0`) give `{out, new_state}` with `out` `{B, 1, d_model}`. Equal
+  (up to rounding) to the step's output of `forward/4` over the whole
+  sequence. Builds no backward context and keeps no scan checkpoints.
+
+  Options: `:precision`; `:reset` — `{B}` `{:u, 8}` (or `nil`): rows where
+  it is non-zero start from a zero state before this step.
+  """
+  @spec step(params(), config(), Tensor.t(), state(), keyword()) :: {Tensor.t(), state()}
+  def step(p, cfg, x, {conv_state, ssm_state}, opts \\ []) do
+    opts = Keyword.validate!(opts, [:reset, precision: :fp32])
+    reset = opts[:reset]
+    {b, 1, _} = Tensor.shape(x)
+
+    conv_state = if reset, do: mask_rows(conv_state, keep_mask(reset, Tensor.type(conv_state))), else: conv_state
+
+    conv = fn xi ->
+      Conv1d.forward(xi, p["conv.weight"], bias: p["conv.bias"], silu: true, initial_state: conv_state)
+    end
+
+    scan_opts = [initial_state: ssm_state, reset: reset && Tensor.reshape(reset, {b, 1}), checkpoints: false]
+    {out, ctx} = block(p, cfg, x, conv, scan_opts, opts[:precision])
+    {out, ctx.final_state}
+  end
+
+  # The block around a convolution `conv.(xi) -> {xc, final_state, ctx}`.
+  defp block(p, cfg, x, conv, scan_opts, prec) do
     %{d_state: n, dt_rank: r} = cfg
     xi = Linear.forward(x, p["in_proj_x.weight"], precision: prec)
     z = Linear.forward(x, p["in_proj_z.weight"], precision: prec)
-    {xc, _state, conv_ctx} = Conv1d.forward(xi, p["conv.weight"], bias: p["conv.bias"], silu: true)
+    {xc, conv_final, conv_ctx} = conv.(xi)
     dbc = Linear.forward(xc, p["x_proj.weight"], precision: prec)
     dt = Tensor.slice(dbc, -1, 0, r)
     b = Tensor.slice(dbc, -1, r, n)
@@ -161,16 +238,100 @@ defmodule Mambex.Mamba do
     delta = Linear.forward(dt, p["dt_proj.weight"], precision: prec)
     a = Ops.negate(Ops.exp(p["a_log"]))
 
-    {y, _h, scan_ctx} =
-      Scan.forward(xc, delta, a, b, c,
-        d: p["d"],
-        z: z,
-        delta_bias: p["dt_proj.bias"],
-        softplus: true
+    {y, h, scan_ctx} =
+      Scan.forward(
+        xc,
+        delta,
+        a,
+        b,
+        c,
+        [d: p["d"], z: z, delta_bias: p["dt_proj.bias"], softplus: true] ++ scan_opts
       )
 
     out = Linear.forward(y, p["out_proj.weight"], precision: prec)
-    {out, %Context{x: x, xc: xc, dt: dt, y: y, conv: conv_ctx, scan: scan_ctx, a: a}}
+
+    {out,
+     %Context{
+       x: x,
+       xc: xc,
+       dt: dt,
+       y: y,
+       conv: conv_ctx,
+       scan: scan_ctx,
+       a: a,
+       final_state: {conv_final, h}
+     }}
+  end
+
+  defp conv_whole(xi, p, init) do
+    Conv1d.forward(xi, p["conv.weight"], bias: p["conv.bias"], silu: true, initial_state: init)
+  end
+
+  # The convolution over a window with resets: one piece per run of steps
+  # between the steps where some row resets; entering a piece, the carried
+  # state of the rows that reset there is zeroed. Context: the pieces as
+  # `{start, length, keep | nil, conv_context}`.
+  defp conv_with_resets(xi, p, init, reset) do
+    {bsz, len, _} = Tensor.shape(xi)
+
+    if Tensor.shape(reset) != {bsz, len} or Tensor.type(reset) != {:u, 8} do
+      raise ArgumentError,
+            "Mamba.forward: reset must be a {#{bsz}, #{len}} {:u, 8} tensor, got: #{inspect(reset)}"
+    end
+
+    flags = Tensor.to_binary(reset)
+    at = fn row, t -> :binary.at(flags, row * len + t) != 0 end
+    rows_at = fn t -> for row <- 0..(bsz - 1)//1, do: at.(row, t) end
+    starts = [0 | for(t <- 1..(len - 1)//1, Enum.any?(rows_at.(t)), do: t)]
+    ends = tl(starts) ++ [len]
+    type = Tensor.type(p["conv.weight"])
+
+    {pieces, final} =
+      Enum.zip(starts, ends)
+      |> Enum.map_reduce(init, fn {t0, t1}, state ->
+        resets = if len > 0, do: rows_at.(t0), else: []
+
+        keep =
+          if Enum.any?(resets) do
+            values = Enum.map(resets, &if(&1, do: 0.0, else: 1.0))
+            host_tensor(values, {bsz}, type, Tensor.device(xi))
+          end
+
+        state = if keep && state, do: mask_rows(state, keep), else: state
+        {out, final, ctx} = conv_whole(Tensor.slice(xi, 1, t0, t1 - t0), p, state)
+        {{t0, t1 - t0, keep, ctx, out}, final}
+      end)
+
+    xc =
+      case pieces do
+        [{_, _, _, _, out}] -> out
+        _ -> Tensor.concatenate(Enum.map(pieces, &elem(&1, 4)), 1)
+      end
+
+    {xc, final, Enum.map(pieces, fn {t0, n, keep, ctx, _} -> {t0, n, keep, ctx} end)}
+  end
+
+  # keep {B} of `type`: 1 where reset is zero, 0 elsewhere.
+  defp keep_mask(reset, type) do
+    Ops.subtract(1, Ops.minimum(Ops.cast(reset, type), 1))
+  end
+
+  # state {B, ...} with row b multiplied by keep[b] ({B}).
+  defp mask_rows(state, keep) do
+    shape = Tensor.shape(state)
+    bsz = elem(shape, 0)
+    inner = div(Tensor.size(state), max(bsz, 1))
+
+    if inner == 0 or bsz == 0 do
+      state
+    else
+      state
+      |> Tensor.reshape({bsz, inner})
+      |> Tensor.transpose()
+      |> Ops.multiply(keep)
+      |> Tensor.transpose()
+      |> Tensor.reshape(shape)
+    end
   end
 
   @doc """
@@ -203,10 +364,7 @@ defmodule Mambex.Mamba do
     g_x = lin.(ctx.xc, "x_proj.weight", d_dbc, true)
     dxc = Ops.add(gs.u, g_x.x)
 
-    g_conv =
-      Conv1d.backward(ctx.conv, dxc,
-        into: into && %{weight: into["conv.weight"], bias: into["conv.bias"]}
-      )
+    g_conv = conv_backward(ctx.conv, dxc, into)
 
     g_ix = lin.(ctx.x, "in_proj_x.weight", g_conv.x, true)
     g_iz = lin.(ctx.x, "in_proj_z.weight", gs.z, true)
@@ -227,6 +385,44 @@ defmodule Mambex.Mamba do
 
     {dx, grads}
   end
+
+  # One convolution without an initial state: accumulate in place.
+  defp conv_backward(%Conv1d.Context{initial_state: nil} = c, dxc, into) do
+    Conv1d.backward(c, dxc, into: into && %{weight: into["conv.weight"], bias: into["conv.bias"]})
+  end
+
+  defp conv_backward(%Conv1d.Context{} = c, dxc, into) do
+    g = Conv1d.backward(c, dxc)
+    %{g | weight: add_into(into, "conv.weight", g.weight), bias: add_into(into, "conv.bias", g.bias)}
+  end
+
+  # Pieces split at resets, last to first: the gradient of a piece's
+  # initial state (masked like the state was) is the previous piece's
+  # final-state gradient; the initial state of the first piece is a
+  # constant (the gradient w.r.t. a given state is not returned).
+  defp conv_backward(pieces, dxc, into) when is_list(pieces) do
+    {dxs, w, bias, _} =
+      pieces
+      |> Enum.reverse()
+      |> Enum.reduce({[], nil, nil, nil}, fn {t0, n, keep, c}, {dxs, w, bias, d_final} ->
+        g = Conv1d.backward(c, Tensor.slice(dxc, 1, t0, n), d_final_state: d_final)
+
+        d_init =
+          case g do
+            %{initial_state: d} when keep != nil -> mask_rows(d, keep)
+            %{initial_state: d} -> d
+            _ -> nil
+          end
+
+        {[g.x | dxs], sum(w, g.weight), sum(bias, g.bias), d_init}
+      end)
+
+    dx = if length(dxs) == 1, do: hd(dxs), else: Tensor.concatenate(dxs, 1)
+    %{x: dx, weight: add_into(into, "conv.weight", w), bias: add_into(into, "conv.bias", bias)}
+  end
+
+  defp sum(nil, g), do: g
+  defp sum(acc, g), do: Ops.add(acc, g)
 
   defp add_into(nil, _name, g), do: g
   defp add_into(into, name, g), do: Ops.add(into[name], g)
