@@ -8,6 +8,7 @@ set -u
 eval "$(sh .gpu/env.sh)"
 export MIX_ENV=test MAMBEX_RESULTS="$OUT/results"
 # the device copy's .git may lag: pass MAMBEX_COMMIT=<sha> in the command
+# (written into the CSVs' commit column)
 mkdir -p "$OUT/results"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
@@ -26,3 +27,5 @@ for arg in "$@"; do
       echo "$arg rc=$?" ;;
   esac
 done
+# only a few files come back from $OUT: pack the result CSVs
+tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
