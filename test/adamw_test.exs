@@ -631,7 +631,7 @@ defmodule Mambex.AdamWTest do
 
         assert_raise ArgumentError, ~r/lr/, fn -> AdamW.set_lr(st, Tensor.fill({}, 0.1)) end
 
-        assert_raise ArgumentError, ~r/grads\[0\] is on :cpu but step is on/, fn ->
+        assert_raise ArgumentError, ~r/grads\[0\] is on :?cpu but step is on/, fn ->
           Mambex.NIF.adamw_step(
             [w],
             [g],
