@@ -59,6 +59,33 @@ defmodule Mambex do
         }
   def memory_stats(device), do: NIF.memory_stats(device)
 
+  @doc """
+  Chooses where ops on CUDA devices run (for the whole VM):
+
+    * `:dirty` (the default) — every device op moves to a dirty IO
+      scheduler, enqueues its work there and returns.
+    * `:inline` — ops that only enqueue device work run on the calling
+      normal scheduler once the device is set up, saving the hop to a dirty
+      scheduler and back (several µs per op; it matters for chains of small
+      ops such as one-frame inference). Ops that wait for the device
+      (reading or uploading data, `sync/1`, event timing) still move. The
+      cost: an enqueue blocks its scheduler when the device's launch queue
+      is full (about a thousand kernels queued without a sync), so use it
+      for latency-bound loops that read a result every few dozen ops.
+
+  CPU ops are unaffected. Returns `:ok`.
+  """
+  @spec set_executor(:dirty | :inline) :: :ok
+  def set_executor(:dirty), do: NIF.set_executor(false)
+  def set_executor(:inline), do: NIF.set_executor(true)
+
+  def set_executor(other),
+    do: raise(ArgumentError, "set_executor: the mode must be :dirty or :inline, got: #{inspect(other)}")
+
+  @doc "The executor mode set by `set_executor/1`."
+  @spec executor() :: :dirty | :inline
+  def executor, do: if(NIF.executor_inline?(), do: :inline, else: :dirty)
+
   @doc "Resets `:peak_bytes` to the live bytes."
   @spec reset_peak(device()) :: :ok
   def reset_peak(device), do: NIF.reset_peak(device)

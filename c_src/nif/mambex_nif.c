@@ -236,6 +236,20 @@ int resched_flags(int slot, size_t work_bytes) {
   return work_bytes > MX_INLINE_BYTES ? ERL_NIF_DIRTY_JOB_CPU_BOUND : 0;
 }
 
+/* The executor mode (Mambex.set_executor/1): 0 = every device op moves to a
+ * dirty IO scheduler (the default); 1 = ops that only enqueue device work
+ * run on the calling normal scheduler once the device is set up (an alloc
+ * has succeeded on it, so the one-time set-up never runs there). Ops that
+ * wait (downloads, uploads, sync, event timing) always move. */
+static atomic_int g_inline_enqueue;
+
+int resched_flags_enqueue(int slot, size_t work_bytes) {
+  if (slot != MX_CPU_SLOT && atomic_load_explicit(&g_inline_enqueue, memory_order_relaxed) &&
+      atomic_load_explicit(&mx_stats_for(slot)->total_allocs, memory_order_relaxed) > 0)
+    return 0;
+  return resched_flags(slot, work_bytes);
+}
+
 /* Move to the right scheduler before allocating anything. Releases the
  * named storages first. */
 
@@ -297,6 +311,21 @@ static ERL_NIF_TERM nif_backend_info(ErlNifEnv *env, int argc, const ERL_NIF_TER
   return map;
 }
 
+static ERL_NIF_TERM nif_set_executor(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+  (void)argc;
+  if (enif_is_identical(argv[0], A_TRUE)) atomic_store(&g_inline_enqueue, 1);
+  else if (enif_is_identical(argv[0], A_FALSE)) atomic_store(&g_inline_enqueue, 0);
+  else return raise_arg(env, "set_executor", "inline must be true or false, got: %.200T", argv[0]);
+  return A_OK;
+}
+
+static ERL_NIF_TERM nif_executor_inline(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+  (void)env;
+  (void)argc;
+  (void)argv;
+  return atomic_load(&g_inline_enqueue) ? A_TRUE : A_FALSE;
+}
+
 #define OP "device_name"
 static ERL_NIF_TERM nif_device_name(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   (void)argc;
@@ -312,7 +341,7 @@ static ERL_NIF_TERM nif_device_name(ErlNifEnv *env, int argc, const ERL_NIF_TERM
 #define OP "sync"
 static ERL_NIF_TERM nif_sync(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   GET_DEVICE(argv[0], slot, "device");
-  MAYBE_RESCHEDULE(nif_sync, slot, 0, NULL);
+  MAYBE_RESCHEDULE_WAITING(nif_sync, slot, 0, NULL);
   mx_err err = {0, {0}};
   if (mx_backend_for(slot)->sync(mx_backend_dev(slot), &err)) return raise_err(env, OP, &err);
   return A_OK;
@@ -368,7 +397,7 @@ static ERL_NIF_TERM nif_from_binary(ErlNifEnv *env, int argc, const ERL_NIF_TERM
   if (bin.size != want)
     return raise_arg(env, OP, "data has %lu bytes but shape %T of type %T needs %lu",
                      (unsigned long)bin.size, argv[2], argv[1], (unsigned long)want);
-  MAYBE_RESCHEDULE(nif_from_binary, slot, want, NULL);
+  MAYBE_RESCHEDULE_WAITING(nif_from_binary, slot, want, NULL);
   NEW_OUTPUT(out, outs, slot, dtype, shape, rank, NULL);
   mx_err err = {0, {0}};
   const mx_backend *be = mx_backend_for(slot);
@@ -388,7 +417,7 @@ static ERL_NIF_TERM nif_to_binary(ErlNifEnv *env, int argc, const ERL_NIF_TERM a
   size_t es = mx_dtype_size(t->dtype);
   size_t n = t->nbytes < limit ? t->nbytes : (size_t)limit;
   n -= n % es;
-  MAYBE_RESCHEDULE(nif_to_binary, t->slot, n, s);
+  MAYBE_RESCHEDULE_WAITING(nif_to_binary, t->slot, n, s);
   ERL_NIF_TERM bin;
   unsigned char *p = enif_make_new_binary(env, n, &bin);
   if (!p) {
@@ -416,7 +445,7 @@ static ERL_NIF_TERM nif_to_device(ErlNifEnv *env, int argc, const ERL_NIF_TERM a
     return argv[0];
   }
   int any_dev = slot != MX_CPU_SLOT ? slot : t->slot;
-  MAYBE_RESCHEDULE(nif_to_device, any_dev, t->nbytes, s);
+  MAYBE_RESCHEDULE_WAITING(nif_to_device, any_dev, t->nbytes, s);
   NEW_OUTPUT(out, outs, slot, t->dtype, t->shape, t->rank, s);
   mx_err err = {0, {0}};
   int rc = MX_OK;
@@ -682,7 +711,7 @@ static ERL_NIF_TERM nif_concatenate(ErlNifEnv *env, int argc, const ERL_NIF_TERM
   if (bad) {
     result = raise_arg(env, OP, "%s (axis %.50T)", bad, argv[1]);
   } else {
-    int f = resched_flags(ts[0]->slot, work);
+    int f = resched_flags_enqueue(ts[0]->slot, work);
     if (f) {
       result = enif_schedule_nif(env, OP, f, nif_concatenate, argc, argv);
     } else {
@@ -1016,7 +1045,7 @@ static ERL_NIF_TERM nif_event_elapsed(ErlNifEnv *env, int argc, const ERL_NIF_TE
   if (!enif_get_resource(env, argv[1], EVENT_RT, (void **)&b))
     return raise_arg(env, OP, "end must be an event, got: %.200T", argv[1]);
   if (a->slot != b->slot) return raise_arg(env, OP, "start and end must be on one device");
-  MAYBE_RESCHEDULE(nif_event_elapsed, a->slot, 0, NULL);
+  MAYBE_RESCHEDULE_WAITING(nif_event_elapsed, a->slot, 0, NULL);
   mx_err err = {0, {0}};
   double us = 0;
   if (mx_backend_for(a->slot)->event_elapsed(mx_backend_dev(a->slot), a->event, b->event, &us, &err))
@@ -1122,6 +1151,8 @@ static void unload(ErlNifEnv *env, void *priv) {
  * (IO for device enqueues, CPU for long host work) with enif_schedule_nif. */
 static ErlNifFunc nif_funcs[] = {
     {"backend_info", 0, nif_backend_info, 0},
+    {"set_executor", 1, nif_set_executor, 0},
+    {"executor_inline?", 0, nif_executor_inline, 0},
     {"device_name", 1, nif_device_name, 0},
     {"sync", 1, nif_sync, 0},
     {"memory_stats", 1, nif_memory_stats, 0},

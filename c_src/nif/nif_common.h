@@ -46,6 +46,10 @@ int get_number(ErlNifEnv *env, ERL_NIF_TERM term, double *out);
 int get_scalar(ErlNifEnv *env, ERL_NIF_TERM term, mx_scalar *out);
 /* The dirty flag an op must move to, or 0 to run where it is. */
 int resched_flags(int slot, size_t work_bytes);
+/* The same for an op that only enqueues device work: with the inline
+ * executor (Mambex.set_executor(:inline)) such an op runs on the calling
+ * normal scheduler once its device is set up. */
+int resched_flags_enqueue(int slot, size_t work_bytes);
 /* A new tensor resource wrapping storage (takes over the reference). */
 mx_tensor *tensor_wrap(mx_storage *s, int dtype, const int64_t *shape, int rank);
 /* %Mambex.Tensor{} for a resource; releases the local resource reference. */
@@ -104,7 +108,20 @@ ERL_NIF_TERM nif_matmul(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
                        g_cuda_devices);                                                  \
   } while (0)
 
+/* For ops that only enqueue device work (or run on the CPU). */
 #define MAYBE_RESCHEDULE(fn, slot, work_bytes, ...)                              \
+  do {                                                                           \
+    int f_ = resched_flags_enqueue(slot, work_bytes);                                    \
+    if (f_) {                                                                    \
+      mx_storage *rel_[] = {NULL, __VA_ARGS__};                                  \
+      for (size_t i_ = 1; i_ < sizeof rel_ / sizeof rel_[0]; i_++)               \
+        mx_storage_release(rel_[i_]);                                            \
+      return enif_schedule_nif(env, OP, f_, fn, argc, argv);                     \
+    }                                                                            \
+  } while (0)
+
+/* For ops that wait for the device (copies to or from the host, sync). */
+#define MAYBE_RESCHEDULE_WAITING(fn, slot, work_bytes, ...)                              \
   do {                                                                           \
     int f_ = resched_flags(slot, work_bytes);                                    \
     if (f_) {                                                                    \

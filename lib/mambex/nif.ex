@@ -23,6 +23,8 @@ defmodule Mambex.NIF do
   defp nif_error, do: :erlang.nif_error(:mambex_nif_not_loaded)
 
   def backend_info, do: nif_error()
+  def set_executor(_inline), do: nif_error()
+  def executor_inline?, do: nif_error()
   def device_name(_device), do: nif_error()
   def sync(_device), do: nif_error()
   def memory_stats(_device), do: nif_error()
