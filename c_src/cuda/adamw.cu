@@ -61,7 +61,7 @@
 
 #define AW_CH 64          /* tensors per launch */
 #define AW_THREADS 256    /* threads per block */
-#define AW_UNROLL 2       /* float4 per thread per array */
+#define AW_UNROLL 4       /* float4 per thread per array: 4096-element tiles, so 2^20 parameters are 256 blocks, one wave at 2 blocks per SM */
 #define AW_TILE ((int64_t)AW_THREADS * 4 * AW_UNROLL) /* elements per block */
 #define AW_MAX_GRID 0x7fffffffLL
 
