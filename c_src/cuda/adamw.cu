@@ -63,6 +63,11 @@
 #define AW_THREADS 256    /* threads per block */
 #define AW_UNROLL 4       /* float4 per thread per array: 4096-element tiles, so 2^20 parameters are 256 blocks, one wave at 2 blocks per SM */
 #define AW_TILE ((int64_t)AW_THREADS * 4 * AW_UNROLL) /* elements per block */
+/* The sum-of-squares kernel covers the same tiles with twice the threads
+ * (two float4 per thread): it moves a quarter of the update's bytes, so it
+ * needs more threads in flight, not more bytes per thread. */
+#define AW_SQ_THREADS 512
+#define AW_SQ_UNROLL (AW_TILE / (4 * AW_SQ_THREADS))
 #define AW_MAX_GRID 0x7fffffffLL
 
 namespace {
@@ -122,7 +127,7 @@ __device__ __forceinline__ double aw_block_sum(double s, double *warp_sums) {
   __syncthreads();
   double total = 0.0;
   if (threadIdx.x == 0)
-    for (int w = 0; w < AW_THREADS / 32; w++) total += warp_sums[w];
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += warp_sums[w];
   return total;
 }
 
@@ -156,10 +161,10 @@ __device__ __forceinline__ void aw_elem(float &p, float g, float &m, float &v, c
 /* Per tile: the sum of squares of its grads into sh.partial[tile_base +
  * tile]. With `finalize`, the last block of the launch reduces all partials
  * and writes norm, coefficients and step. */
-__global__ void __launch_bounds__(AW_THREADS)
+__global__ void __launch_bounds__(AW_SQ_THREADS)
     adamw_sumsq_kernel(const aw_table tab, const aw_hyper h, const aw_shared sh,
                        int64_t tile_base, int finalize) {
-  __shared__ double warp_sums[AW_THREADS / 32];
+  __shared__ double warp_sums[AW_SQ_THREADS / 32];
   __shared__ int is_last;
   const int64_t tile = blockIdx.x;
   const int tid = threadIdx.x;
@@ -171,8 +176,8 @@ __global__ void __launch_bounds__(AW_THREADS)
     double s = 0.0;
     if ((tab.vec_mask >> k) & 1u) {
 #pragma unroll
-      for (int u = 0; u < AW_UNROLL; u++) {
-        const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+      for (int u = 0; u < AW_SQ_UNROLL; u++) {
+        const int64_t e = e0 + 4 * ((int64_t)u * AW_SQ_THREADS + tid);
         if (e + 4 <= n) {
           const float4 x = __ldcs((const float4 *)(g + e));
           s = fma((double)x.x, (double)x.x, s);
@@ -188,8 +193,8 @@ __global__ void __launch_bounds__(AW_THREADS)
       }
     } else {
 #pragma unroll
-      for (int u = 0; u < 4 * AW_UNROLL; u++) {
-        const int64_t i = e0 + (int64_t)u * AW_THREADS + tid;
+      for (int u = 0; u < 4 * AW_SQ_UNROLL; u++) {
+        const int64_t i = e0 + (int64_t)u * AW_SQ_THREADS + tid;
         if (i < n) {
           const double x = (double)g[i];
           s = fma(x, x, s);
@@ -213,7 +218,7 @@ __global__ void __launch_bounds__(AW_THREADS)
   if (!is_last) return;
   __threadfence();
   double s = 0.0;
-  for (int64_t i = tid; i < sh.total_tiles; i += AW_THREADS) s += __ldcg(sh.partial + i);
+  for (int64_t i = tid; i < sh.total_tiles; i += AW_SQ_THREADS) s += __ldcg(sh.partial + i);
   __syncthreads(); /* warp_sums may still be read by thread 0 above */
   s = aw_block_sum(s, warp_sums);
   if (tid == 0) {
@@ -488,7 +493,7 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
       fill_table(&tab, a, c);
       const unsigned grid = (unsigned)(c.tiles > 0 ? c.tiles : 1);
       if (pass == 0) {
-        adamw_sumsq_kernel<<<grid, AW_THREADS, 0, d->stream>>>(tab, h, sh, c.base, last);
+        adamw_sumsq_kernel<<<grid, AW_SQ_THREADS, 0, d->stream>>>(tab, h, sh, c.base, last);
         rc = MX_CUDA_LAUNCH_RC(d, err, "adamw_sumsq_kernel");
       } else if (want_norm) {
         if (c.tiles > 0) {
