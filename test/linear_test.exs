@@ -28,7 +28,10 @@ defmodule Mambex.LinearTest do
     {{40}, 7, true},
     {{2, 3, 5, 11}, 6, true},
     {{20, 300}, 30, true},
-    {{300, 7}, 5, true}
+    {{300, 7}, 5, true},
+    # few rows (the CPU's strip path): K past one k block, N not a multiple of 16
+    {{3, 600}, 37, true},
+    {{1, 4, 257}, 48, false}
   ]
 
   defp bits(%Tensor{} = t), do: Tensor.to_binary(t)
@@ -165,7 +168,7 @@ defmodule Mambex.LinearTest do
   end
 
   def check_matmul(device, type, tol, precision \\ :fp32) do
-    for {m, k, n} <- [{1, 1, 1}, {7, 5, 13}, {33, 70, 9}, {17, 300, 20}],
+    for {m, k, n} <- [{1, 1, 1}, {7, 5, 13}, {33, 70, 9}, {17, 300, 20}, {2, 300, 37}, {4, 513, 16}, {3, 9, 1}],
         ta <- [false, true],
         tb <- [false, true] do
       a_shape = if ta, do: {k, m}, else: {m, k}

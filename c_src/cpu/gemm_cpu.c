@@ -264,6 +264,75 @@ static void run_items(int64_t count, mx_pool_fn fn, void *ctx, int parallel) {
   }
 }
 
+/* ---- few rows: C rows as combinations of B's rows ------------------------
+ * With m <= GEMM_SMALL_M and B not transposed (the linear forward of one
+ * frame: x (1, K) . W (K, N)), packing B costs more than the product. Each
+ * row of C is computed in strips of SMALL_STRIP columns held in registers:
+ * acc[j] = sum over the k of a KC block, in k order, of a[i,k] * b[k,j],
+ * folded like the blocked path (first block: alpha acc + beta C + bias;
+ * later blocks: C + alpha acc). Strips are independent work items, so the
+ * result does not depend on the thread count. The bits may differ in the
+ * last place from the blocked path's (which may use FMA): results are
+ * deterministic for a shape, not across the two paths. */
+#define GEMM_SMALL_M 4
+#define SMALL_STRIP 16
+
+typedef struct {
+  const mx_gemm_args *g;
+  int64_t strips;
+} small_ctx;
+
+#define SMALL_ITEM_BODY(REAL)                                                        \
+  do {                                                                               \
+    const small_ctx *x = (const small_ctx *)vctx;                                    \
+    const mx_gemm_args *g = x->g;                                                    \
+    const REAL *A = (const REAL *)g->a, *B = (const REAL *)g->b;                     \
+    const REAL *bias = (const REAL *)g->bias;                                        \
+    REAL *C = (REAL *)g->c;                                                          \
+    const REAL alpha = (REAL)g->alpha, beta = (REAL)g->beta;                         \
+    const int64_t j0 = item * SMALL_STRIP;                                           \
+    const int64_t nc = g->n - j0 < SMALL_STRIP ? g->n - j0 : SMALL_STRIP;            \
+    for (int64_t i = 0; i < g->m; i++) {                                             \
+      REAL *ci = C + i * g->ldc + j0;                                                \
+      for (int64_t k0 = 0; k0 < g->k; k0 += GEMM_KC) {                               \
+        const int64_t k1 = k0 + GEMM_KC < g->k ? k0 + GEMM_KC : g->k;               \
+        REAL acc[SMALL_STRIP] = {0};                                                 \
+        if (nc == SMALL_STRIP) {                                                     \
+          for (int64_t kk = k0; kk < k1; kk++) {                                     \
+            const REAL aik = g->trans_a ? A[kk * g->lda + i] : A[i * g->lda + kk];   \
+            const REAL *restrict bk = B + kk * g->ldb + j0;                          \
+            for (int t = 0; t < SMALL_STRIP; t++) acc[t] += aik * bk[t];             \
+          }                                                                          \
+        } else {                                                                     \
+          for (int64_t kk = k0; kk < k1; kk++) {                                     \
+            const REAL aik = g->trans_a ? A[kk * g->lda + i] : A[i * g->lda + kk];   \
+            const REAL *restrict bk = B + kk * g->ldb + j0;                          \
+            for (int64_t t = 0; t < nc; t++) acc[t] += aik * bk[t];                  \
+          }                                                                          \
+        }                                                                            \
+        if (k0 == 0) {                                                               \
+          for (int64_t t = 0; t < nc; t++) {                                         \
+            REAL v = alpha * acc[t];                                                 \
+            if (g->beta != 0.0) v += beta * ci[t];                                   \
+            ci[t] = bias ? v + bias[j0 + t] : v;                                     \
+          }                                                                          \
+        } else {                                                                     \
+          for (int64_t t = 0; t < nc; t++) ci[t] += alpha * acc[t];                  \
+        }                                                                            \
+      }                                                                              \
+    }                                                                                \
+  } while (0)
+
+static void small_item_f32(void *vctx, int64_t item, int worker) {
+  (void)worker;
+  SMALL_ITEM_BODY(float);
+}
+
+static void small_item_f64(void *vctx, int64_t item, int worker) {
+  (void)worker;
+  SMALL_ITEM_BODY(double);
+}
+
 int cpu_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
   (void)dev;
   if (!g) return gemm_fail(err, MX_E_ARG, "no arguments");
@@ -279,6 +348,12 @@ int cpu_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
     return gemm_fail(err, MX_E_ARG, "NULL operand");
   if (g->k == 0) {
     gemm_scale(g);
+    return MX_OK;
+  }
+  if (g->m <= GEMM_SMALL_M && !g->trans_b) {
+    small_ctx sx = {g, (g->n + SMALL_STRIP - 1) / SMALL_STRIP};
+    const int par = (double)g->m * (double)g->n * (double)g->k >= (double)GEMM_SERIAL_WORK;
+    run_items(sx.strips, g->dtype == MX_F32 ? small_item_f32 : small_item_f64, &sx, par);
     return MX_OK;
   }
   pthread_once(&gemm_pick_once, gemm_pick);
