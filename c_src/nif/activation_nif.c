@@ -103,24 +103,7 @@ static const char *const ACT_OP_FWD[4] = {"silu", "gelu", "softplus", "sigmoid"}
 static const char *const ACT_OP_BWD[4] = {"silu_backward", "gelu_backward", "softplus_backward",
                                           "sigmoid_backward"};
 
-static mx_tensor *act_output(ErlNifEnv *env, const char *op, const mx_tensor *like,
-                             ERL_NIF_TERM *raised) {
-  mx_err err = {0, {0}};
-  mx_storage *s = NULL;
-  if (mx_storage_new(like->slot, like->nbytes, &s, &err)) {
-    *raised = raise_err(env, op, &err);
-    return NULL;
-  }
-  return tensor_wrap(s, like->dtype, like->shape, like->rank);
-}
-
 static void *tdata(mx_tensor *t) { return mx_data(t->storage, t); }
-
-static void act_drop(mx_tensor *t) {
-  if (!t) return;
-  mx_tensor_drop(t);
-  enif_release_resource(t);
-}
 
 ERL_NIF_TERM nif_act_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   int act = get_act(env, argv[0]);
@@ -137,7 +120,7 @@ ERL_NIF_TERM nif_act_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]
 #define OP op
   MAYBE_RESCHEDULE(nif_act_forward, x->slot, x->nbytes * 8, c->s[0]);
 #undef OP
-  mx_tensor *y = act_output(env, op, x, &raised);
+  mx_tensor *y = output_new(env, op, x->slot, x->dtype, x->shape, x->rank, &raised, NULL);
   if (!y) {
     act_release(c);
     return raised;
@@ -166,7 +149,7 @@ ERL_NIF_TERM nif_act_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
 #define OP op
   MAYBE_RESCHEDULE(nif_act_backward, x->slot, x->nbytes * 12, c->s[0], c->s[1]);
 #undef OP
-  mx_tensor *dx = act_output(env, op, x, &raised);
+  mx_tensor *dx = output_new(env, op, x->slot, x->dtype, x->shape, x->rank, &raised, NULL);
   if (!dx) {
     act_release(c);
     return raised;
@@ -191,7 +174,7 @@ ERL_NIF_TERM nif_swiglu_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
   if (!ok) return raised;
   const mx_tensor *a = c->t[0];
   MAYBE_RESCHEDULE(nif_swiglu_forward, a->slot, a->nbytes * 12, c->s[0], c->s[1]);
-  mx_tensor *out = act_output(env, OP, a, &raised);
+  mx_tensor *out = output_new(env, OP, a->slot, a->dtype, a->shape, a->rank, &raised, NULL);
   if (!out) {
     act_release(c);
     return raised;
@@ -217,10 +200,10 @@ ERL_NIF_TERM nif_swiglu_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   if (!ok) return raised;
   const mx_tensor *a = c->t[0];
   MAYBE_RESCHEDULE(nif_swiglu_backward, a->slot, a->nbytes * 20, c->s[0], c->s[1], c->s[2]);
-  mx_tensor *da = act_output(env, OP, a, &raised);
-  mx_tensor *db = da ? act_output(env, OP, a, &raised) : NULL;
+  mx_tensor *da = output_new(env, OP, a->slot, a->dtype, a->shape, a->rank, &raised, NULL);
+  mx_tensor *db = da ? output_new(env, OP, a->slot, a->dtype, a->shape, a->rank, &raised, NULL) : NULL;
   if (!db) {
-    act_drop(da);
+    output_drop(da);
     act_release(c);
     return raised;
   }
@@ -233,8 +216,8 @@ ERL_NIF_TERM nif_swiglu_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
              : MX_OK;
   act_release(c);
   if (rc != MX_OK) {
-    act_drop(da);
-    act_drop(db);
+    output_drop(da);
+    output_drop(db);
     return raise_err(env, OP, &err);
   }
   return enif_make_tuple2(env, tensor_term(env, da), tensor_term(env, db));

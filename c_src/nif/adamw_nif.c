@@ -68,13 +68,6 @@ static void aw_release(aw_call *c) {
     return raise_arg(env, OP, __VA_ARGS__);   \
   } while (0)
 
-static int same_shape(const mx_tensor *a, const mx_tensor *b) {
-  if (a->rank != b->rank) return 0;
-  for (int i = 0; i < a->rank; i++)
-    if (a->shape[i] != b->shape[i]) return 0;
-  return 1;
-}
-
 /* A byte interval of one buffer the call touches. */
 typedef struct {
   uintptr_t start, end;
@@ -155,7 +148,7 @@ static ERL_NIF_TERM aw_parse(ErlNifEnv *env, const ERL_NIF_TERM argv[], aw_call 
       if (t->dtype != MX_F32)
         AW_FAIL("%s[%u] must have type {:f, 32}, got: %T", LIST_NAME[l], i,
                 dtype_term(env, t->dtype));
-      if (l > 0 && !same_shape(t, c->t[i]))
+      if (l > 0 && !tensor_has_shape(t, c->t[i]->rank, c->t[i]->shape))
         AW_FAIL("%s[%u] must have the shape of params[%u], %T, got: %T", LIST_NAME[l], i, i,
                 shape_term(env, c->t[i]->shape, c->t[i]->rank),
                 shape_term(env, t->shape, t->rank));

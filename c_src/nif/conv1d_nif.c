@@ -61,13 +61,6 @@ static const void *cv_ptr(const cv_call *c, int i) {
   return c->t[i] ? mx_data(c->s[i], c->t[i]) : NULL;
 }
 
-static int cv_has_shape(const mx_tensor *t, int rank, const int64_t *shape) {
-  if (t->rank != rank) return 0;
-  for (int i = 0; i < rank; i++)
-    if (t->shape[i] != shape[i]) return 0;
-  return 1;
-}
-
 #define CV_FAIL(...)                         \
   do {                                       \
     cv_release(c);                           \
@@ -149,24 +142,24 @@ static ERL_NIF_TERM cv_parse(ErlNifEnv *env, const char *op, const ERL_NIF_TERM 
     switch (i) {
       case C_BIAS:
       case C_IB:
-        if (!cv_has_shape(t, 1, &c->C))
+        if (!tensor_has_shape(t, 1, &c->C))
           CV_FAIL("%s must have shape {%ld}, got: %T", CV_NAME[i], (long)c->C,
                   shape_term(env, t->shape, t->rank));
         break;
       case C_H0:
       case C_DHL:
       case C_IH:
-        if (!cv_has_shape(t, 3, bck))
+        if (!tensor_has_shape(t, 3, bck))
           CV_FAIL("%s must have shape {batch, channels, width - 1} = %T, got: %T", CV_NAME[i],
                   shape_term(env, bck, 3), shape_term(env, t->shape, t->rank));
         break;
       case C_DOUT:
-        if (!cv_has_shape(t, 3, blc))
+        if (!tensor_has_shape(t, 3, blc))
           CV_FAIL("d_out must have the shape of x, %T, got: %T", shape_term(env, blc, 3),
                   shape_term(env, t->shape, t->rank));
         break;
       case C_IW:
-        if (!cv_has_shape(t, 2, w->shape))
+        if (!tensor_has_shape(t, 2, w->shape))
           CV_FAIL("into.weight must have the shape of weight, %T, got: %T",
                   shape_term(env, w->shape, 2), shape_term(env, t->shape, t->rank));
         break;
@@ -223,30 +216,6 @@ static size_t cv_work(const cv_call *c) {
   return w >= 1e18 ? (size_t)1 << 60 : (size_t)w;
 }
 
-static mx_tensor *cv_output(ErlNifEnv *env, const char *op, int slot, int dtype,
-                            const int64_t *shape, int rank, ERL_NIF_TERM *raised, int *ok) {
-  int64_t n = mx_numel_checked(shape, rank, mx_dtype_size(dtype));
-  mx_err err = {0, {0}};
-  mx_storage *s = NULL;
-  if (n < 0) {
-    *ok = 0;
-    *raised = raise_arg(env, op, "the output size overflows");
-    return NULL;
-  }
-  if (mx_storage_new(slot, (size_t)n * mx_dtype_size(dtype), &s, &err)) {
-    *ok = 0;
-    *raised = raise_err(env, op, &err);
-    return NULL;
-  }
-  return tensor_wrap(s, dtype, shape, rank);
-}
-
-static void cv_drop(mx_tensor *t) {
-  if (!t) return;
-  mx_tensor_drop(t);
-  enif_release_resource(t);
-}
-
 static ERL_NIF_TERM cv_no_kernel(ErlNifEnv *env, const char *op, const cv_call *c) {
   mx_err e = {MX_E_RUNTIME, {0}};
   snprintf(e.msg, sizeof e.msg, "the %s backend has no %s kernel", mx_backend_for(c->slot)->name,
@@ -267,10 +236,10 @@ ERL_NIF_TERM nif_conv1d_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
   }
   MAYBE_RESCHEDULE(nif_conv1d_forward, c->slot, cv_work(c), c->s[0], c->s[1], c->s[2], c->s[3]);
   const int64_t blc[3] = {c->B, c->L, c->C}, bck[3] = {c->B, c->C, c->W - 1};
-  mx_tensor *out = cv_output(env, OP, c->slot, c->io, blc, 3, &raised, &ok);
-  mx_tensor *hl = ok ? cv_output(env, OP, c->slot, c->param, bck, 3, &raised, &ok) : NULL;
+  mx_tensor *out = output_new(env, OP, c->slot, c->io, blc, 3, &raised, &ok);
+  mx_tensor *hl = ok ? output_new(env, OP, c->slot, c->param, bck, 3, &raised, &ok) : NULL;
   if (!ok) {
-    cv_drop(out);
+    output_drop(out);
     cv_release(c);
     return raised;
   }
@@ -283,8 +252,8 @@ ERL_NIF_TERM nif_conv1d_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
   }
   cv_release(c);
   if (rc != MX_OK) {
-    cv_drop(out);
-    cv_drop(hl);
+    output_drop(out);
+    output_drop(hl);
     return raise_err(env, OP, &err);
   }
   return enif_make_tuple2(env, tensor_term(env, out), tensor_term(env, hl));
@@ -317,12 +286,12 @@ ERL_NIF_TERM nif_conv1d_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     if (c->accumulate && INTO_OF[i] >= 0) {
       gp[i] = (void *)cv_ptr(c, INTO_OF[i]);
     } else {
-      grad[i] = cv_output(env, OP, c->slot, in->dtype, in->shape, in->rank, &raised, &ok);
+      grad[i] = output_new(env, OP, c->slot, in->dtype, in->shape, in->rank, &raised, &ok);
       if (grad[i]) gp[i] = mx_data(grad[i]->storage, grad[i]);
     }
   }
   if (!ok) {
-    for (int i = 0; i < 4; i++) cv_drop(grad[i]);
+    for (int i = 0; i < 4; i++) output_drop(grad[i]);
     cv_release(c);
     return raised;
   }
@@ -332,7 +301,7 @@ ERL_NIF_TERM nif_conv1d_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
                                gp[0], gp[1], gp[2], gp[3], c->accumulate, &err);
   cv_release(c);
   if (rc != MX_OK) {
-    for (int i = 0; i < 4; i++) cv_drop(grad[i]);
+    for (int i = 0; i < 4; i++) output_drop(grad[i]);
     return raise_err(env, OP, &err);
   }
   ERL_NIF_TERM keys[4], vals[4], map;

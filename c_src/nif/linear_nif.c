@@ -129,31 +129,6 @@ static ERL_NIF_TERM lin_check_alias(ErlNifEnv *env, const char *op, lin_call *c,
   return 0;
 }
 
-/* A new output tensor, or a raised exception (with *ok = 0). */
-static mx_tensor *lin_output(ErlNifEnv *env, const char *op, int slot, int dtype,
-                             const int64_t *shape, int rank, ERL_NIF_TERM *raised, int *ok) {
-  int64_t n = mx_numel_checked(shape, rank, mx_dtype_size(dtype));
-  mx_err err = {0, {0}};
-  mx_storage *s = NULL;
-  if (n < 0) {
-    *ok = 0;
-    *raised = raise_arg(env, op, "the output size overflows");
-    return NULL;
-  }
-  if (mx_storage_new(slot, (size_t)n * mx_dtype_size(dtype), &s, &err)) {
-    *ok = 0;
-    *raised = raise_err(env, op, &err);
-    return NULL;
-  }
-  return tensor_wrap(s, dtype, shape, rank);
-}
-
-static void lin_drop(mx_tensor *t) {
-  if (!t) return;
-  mx_tensor_drop(t);
-  enif_release_resource(t);
-}
-
 static void *out_ptr(mx_tensor *t) { return mx_data(t->storage, t); }
 
 /* Estimated work in "bytes" for the scheduler choice: m n k, saturating. */
@@ -218,7 +193,7 @@ ERL_NIF_TERM nif_linear_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
   int64_t shape[MX_MAX_RANK];
   memcpy(shape, x->shape, sizeof shape);
   shape[x->rank - 1] = N;
-  mx_tensor *y = lin_output(env, op, x->slot, x->dtype, shape, x->rank, &raised, &ok);
+  mx_tensor *y = output_new(env, op, x->slot, x->dtype, shape, x->rank, &raised, &ok);
   if (!ok) {
     lin_release(c);
     return raised;
@@ -304,13 +279,13 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   const int slot = x->slot, dt = x->dtype;
   mx_tensor *dx = NULL, *dw = NULL, *db = NULL;
   ok = 1;
-  if (want_dx) dx = lin_output(env, op, slot, dt, x->shape, x->rank, &raised, &ok);
-  if (ok && !iw) dw = lin_output(env, op, slot, dt, w->shape, 2, &raised, &ok);
-  if (ok && want_bias && !ib) db = lin_output(env, op, slot, dt, &N, 1, &raised, &ok);
+  if (want_dx) dx = output_new(env, op, slot, dt, x->shape, x->rank, &raised, &ok);
+  if (ok && !iw) dw = output_new(env, op, slot, dt, w->shape, 2, &raised, &ok);
+  if (ok && want_bias && !ib) db = output_new(env, op, slot, dt, &N, 1, &raised, &ok);
   if (!ok) {
-    lin_drop(dx);
-    lin_drop(dw);
-    lin_drop(db);
+    output_drop(dx);
+    output_drop(dw);
+    output_drop(db);
     lin_release(c);
     return raised;
   }
@@ -340,9 +315,9 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
                       ib ? lin_ptr(c, B_INTO_BIAS) : out_ptr(db), ib ? 1 : 0, &err);
   lin_release(c);
   if (rc != MX_OK) {
-    lin_drop(dx);
-    lin_drop(dw);
-    lin_drop(db);
+    output_drop(dx);
+    output_drop(dw);
+    output_drop(db);
     return raise_err(env, op, &err);
   }
   ERL_NIF_TERM keys[3], vals[3], map;
@@ -414,7 +389,7 @@ ERL_NIF_TERM nif_matmul(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   MAYBE_RESCHEDULE(nif_matmul, a->slot, lin_work(m, n, k, 1.0), c->s[0], c->s[1], c->s[2]);
   mx_tensor *out = NULL;
   if (!into) {
-    out = lin_output(env, op, a->slot, a->dtype, mn, 2, &raised, &ok);
+    out = output_new(env, op, a->slot, a->dtype, mn, 2, &raised, &ok);
     if (!ok) {
       lin_release(c);
       return raised;

@@ -27,33 +27,10 @@
 
 #include "nif_common.h"
 
-static void loss_drop(mx_tensor *t) {
-  if (!t) return;
-  mx_tensor_drop(t);
-  enif_release_resource(t);
-}
-
 static void release3(mx_storage *a, mx_storage *b, mx_storage *c) {
   mx_storage_release(a);
   mx_storage_release(b);
   mx_storage_release(c);
-}
-
-/* A new output tensor, or NULL with *raised set. */
-static mx_tensor *loss_output(ErlNifEnv *env, const char *op, int slot, int dtype,
-                              const int64_t *shape, int rank, ERL_NIF_TERM *raised) {
-  int64_t n = mx_numel_checked(shape, rank, mx_dtype_size(dtype));
-  mx_err err = {0, {0}};
-  mx_storage *s = NULL;
-  if (n < 0) {
-    *raised = raise_arg(env, op, "the output size overflows");
-    return NULL;
-  }
-  if (mx_storage_new(slot, (size_t)n * mx_dtype_size(dtype), &s, &err)) {
-    *raised = raise_err(env, op, &err);
-    return NULL;
-  }
-  return tensor_wrap(s, dtype, shape, rank);
 }
 
 static int get_reduction(ERL_NIF_TERM term, int *mean) {
@@ -173,12 +150,12 @@ ERL_NIF_TERM nif_cross_entropy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
   MAYBE_RESCHEDULE(nif_cross_entropy, slot, 2 * lt->nbytes, ls, ts, ws);
 
   ERL_NIF_TERM raised = 0;
-  mx_tensor *loss = loss_output(env, OP, slot, param, NULL, 0, &raised);
+  mx_tensor *loss = output_new(env, OP, slot, param, NULL, 0, &raised, NULL);
   mx_tensor *dl = NULL;
   if (loss && grad) {
-    dl = loss_output(env, OP, slot, io, lt->shape, lt->rank, &raised);
+    dl = output_new(env, OP, slot, io, lt->shape, lt->rank, &raised, NULL);
     if (!dl) {
-      loss_drop(loss);
+      output_drop(loss);
       loss = NULL;
     }
   }
@@ -204,8 +181,8 @@ ERL_NIF_TERM nif_cross_entropy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
                              dl ? mx_data(dl->storage, dl) : NULL, &err);
   release3(ls, ts, ws);
   if (rc != MX_OK) {
-    loss_drop(loss);
-    loss_drop(dl);
+    output_drop(loss);
+    output_drop(dl);
     return raise_err(env, OP, &err);
   }
   return enif_make_tuple2(env, tensor_term(env, loss), dl ? tensor_term(env, dl) : A_NIL);
@@ -261,12 +238,12 @@ ERL_NIF_TERM nif_mse(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
   MAYBE_RESCHEDULE(nif_mse, slot, 2 * pt->nbytes, ps, ys);
 
   ERL_NIF_TERM raised = 0;
-  mx_tensor *loss = loss_output(env, OP, slot, param, NULL, 0, &raised);
+  mx_tensor *loss = output_new(env, OP, slot, param, NULL, 0, &raised, NULL);
   mx_tensor *dp = NULL;
   if (loss && grad) {
-    dp = loss_output(env, OP, slot, io, pt->shape, pt->rank, &raised);
+    dp = output_new(env, OP, slot, io, pt->shape, pt->rank, &raised, NULL);
     if (!dp) {
-      loss_drop(loss);
+      output_drop(loss);
       loss = NULL;
     }
   }
@@ -280,8 +257,8 @@ ERL_NIF_TERM nif_mse(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
                    dp ? mx_data(dp->storage, dp) : NULL, &err);
   release3(ps, ys, NULL);
   if (rc != MX_OK) {
-    loss_drop(loss);
-    loss_drop(dp);
+    output_drop(loss);
+    output_drop(dp);
     return raise_err(env, OP, &err);
   }
   return enif_make_tuple2(env, tensor_term(env, loss), dp ? tensor_term(env, dp) : A_NIL);

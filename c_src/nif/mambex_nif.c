@@ -268,6 +268,42 @@ mx_tensor *tensor_wrap(mx_storage *s, int dtype, const int64_t *shape, int rank)
   return t;
 }
 
+/* Whether t has exactly this rank and shape. */
+int tensor_has_shape(const mx_tensor *t, int rank, const int64_t *shape) {
+  if (t->rank != rank) return 0;
+  for (int i = 0; i < rank; i++)
+    if (t->shape[i] != shape[i]) return 0;
+  return 1;
+}
+
+/* A new output tensor of `shape` on `slot`, or NULL with *raised set
+ * (ArgumentError when the size overflows, Mambex.Error when the allocation
+ * fails) and *ok = 0 when ok is given. */
+mx_tensor *output_new(ErlNifEnv *env, const char *op, int slot, int dtype, const int64_t *shape,
+                      int rank, ERL_NIF_TERM *raised, int *ok) {
+  int64_t n = mx_numel_checked(shape, rank, mx_dtype_size(dtype));
+  mx_err err = {0, {0}};
+  mx_storage *s = NULL;
+  if (n < 0) {
+    if (ok) *ok = 0;
+    *raised = raise_arg(env, op, "the output size overflows");
+    return NULL;
+  }
+  if (mx_storage_new(slot, (size_t)n * mx_dtype_size(dtype), &s, &err)) {
+    if (ok) *ok = 0;
+    *raised = raise_err(env, op, &err);
+    return NULL;
+  }
+  return tensor_wrap(s, dtype, shape, rank);
+}
+
+/* Releases an output that will not be returned (NULL is fine). */
+void output_drop(mx_tensor *t) {
+  if (!t) return;
+  mx_tensor_drop(t);
+  enif_release_resource(t);
+}
+
 /* %Mambex.Tensor{} for a resource; releases the local resource reference. */
 ERL_NIF_TERM tensor_term(ErlNifEnv *env, mx_tensor *t) {
   ERL_NIF_TERM ref = enif_make_resource(env, t);
@@ -831,7 +867,7 @@ static int shape_is_suffix(const mx_tensor *small, const mx_tensor *big) {
 }
 
 static int same_shape(const mx_tensor *a, const mx_tensor *b) {
-  return a->rank == b->rank && shape_is_suffix(a, b);
+  return tensor_has_shape(a, b->rank, b->shape);
 }
 
 #define OP "binary"

@@ -52,6 +52,14 @@ int resched_flags(int slot, size_t work_bytes);
 int resched_flags_enqueue(int slot, size_t work_bytes);
 /* A new tensor resource wrapping storage (takes over the reference). */
 mx_tensor *tensor_wrap(mx_storage *s, int dtype, const int64_t *shape, int rank);
+/* Whether t has exactly this rank and shape. */
+int tensor_has_shape(const mx_tensor *t, int rank, const int64_t *shape);
+/* A new output tensor, or NULL with *raised set (and *ok = 0 when ok is
+ * not NULL): ArgumentError on size overflow, Mambex.Error on allocation
+ * failure. output_drop releases one that will not be returned (NULL-safe). */
+mx_tensor *output_new(ErlNifEnv *env, const char *op, int slot, int dtype, const int64_t *shape,
+                      int rank, ERL_NIF_TERM *raised, int *ok);
+void output_drop(mx_tensor *t);
 /* %Mambex.Tensor{} for a resource; releases the local resource reference. */
 ERL_NIF_TERM tensor_term(ErlNifEnv *env, mx_tensor *t);
 size_t tensor_numel(const mx_tensor *t);

@@ -64,13 +64,6 @@ static const void *norm_ptr(const norm_call *c, int i) {
 
 static int is_vec(const mx_tensor *t, int64_t n) { return t->rank == 1 && t->shape[0] == n; }
 
-static int same_shape_as(const mx_tensor *a, const mx_tensor *b) {
-  if (a->rank != b->rank) return 0;
-  for (int i = 0; i < a->rank; i++)
-    if (a->shape[i] != b->shape[i]) return 0;
-  return 1;
-}
-
 #define NORM_FAIL(...)                      \
   do {                                      \
     norm_release(c);                        \
@@ -141,7 +134,7 @@ static ERL_NIF_TERM norm_parse(ErlNifEnv *env, const char *op, const ERL_NIF_TER
   const int same[3] = {NA_RES, NA_DY, NA_DSUM};
   for (int k = 0; k < 3; k++) {
     const mx_tensor *t = c->t[same[k]];
-    if (t && !same_shape_as(t, x))
+    if (t && !tensor_has_shape(t, x->rank, x->shape))
       NORM_FAIL("%s must have the shape of x, %T, got: %T", ARG_NAME[same[k]],
                 shape_term(env, x->shape, x->rank), shape_term(env, t->shape, t->rank));
   }
@@ -196,29 +189,6 @@ static mx_norm_args norm_args(const norm_call *c) {
   return a;
 }
 
-/* A new output tensor, or NULL with *raised set. */
-static mx_tensor *norm_output(ErlNifEnv *env, const char *op, int slot, int dtype,
-                              const int64_t *shape, int rank, ERL_NIF_TERM *raised) {
-  int64_t n = mx_numel_checked(shape, rank, mx_dtype_size(dtype));
-  mx_err err = {0, {0}};
-  mx_storage *s = NULL;
-  if (n < 0) {
-    *raised = raise_arg(env, op, "the output size overflows");
-    return NULL;
-  }
-  if (mx_storage_new(slot, (size_t)n * mx_dtype_size(dtype), &s, &err)) {
-    *raised = raise_err(env, op, &err);
-    return NULL;
-  }
-  return tensor_wrap(s, dtype, shape, rank);
-}
-
-static void norm_drop(mx_tensor *t) {
-  if (!t) return;
-  mx_tensor_drop(t);
-  enif_release_resource(t);
-}
-
 static size_t norm_work(const norm_call *c, int passes) {
   double w = (double)passes * (double)c->rows * (double)c->dim * (double)mx_dtype_size(c->io);
   return w >= 1e18 ? (size_t)1 << 60 : (size_t)w;
@@ -240,18 +210,18 @@ ERL_NIF_TERM nif_norm_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   MAYBE_RESCHEDULE(nif_norm_forward, c->slot, norm_work(c, c->t[NA_RES] ? 4 : 2), c->s[NA_X],
                    c->s[NA_RES], c->s[NA_W], c->s[NA_B]);
   const mx_tensor *x = c->t[NA_X];
-  mx_tensor *y = norm_output(env, OP, c->slot, c->io, x->shape, x->rank, &raised);
+  mx_tensor *y = output_new(env, OP, c->slot, c->io, x->shape, x->rank, &raised, NULL);
   mx_tensor *sum = NULL, *mean = NULL, *rstd = NULL;
   ok = y != NULL;
   if (ok && c->t[NA_RES])
-    ok = (sum = norm_output(env, OP, c->slot, c->io, x->shape, x->rank, &raised)) != NULL;
+    ok = (sum = output_new(env, OP, c->slot, c->io, x->shape, x->rank, &raised, NULL)) != NULL;
   if (ok && c->kind == MX_LAYERNORM)
-    ok = (mean = norm_output(env, OP, c->slot, c->param, &c->rows, 1, &raised)) != NULL;
-  if (ok) ok = (rstd = norm_output(env, OP, c->slot, c->param, &c->rows, 1, &raised)) != NULL;
+    ok = (mean = output_new(env, OP, c->slot, c->param, &c->rows, 1, &raised, NULL)) != NULL;
+  if (ok) ok = (rstd = output_new(env, OP, c->slot, c->param, &c->rows, 1, &raised, NULL)) != NULL;
   if (!ok) {
-    norm_drop(y);
-    norm_drop(sum);
-    norm_drop(mean);
+    output_drop(y);
+    output_drop(sum);
+    output_drop(mean);
     norm_release(c);
     return raised;
   }
@@ -264,10 +234,10 @@ ERL_NIF_TERM nif_norm_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   }
   norm_release(c);
   if (rc != MX_OK) {
-    norm_drop(y);
-    norm_drop(sum);
-    norm_drop(mean);
-    norm_drop(rstd);
+    output_drop(y);
+    output_drop(sum);
+    output_drop(mean);
+    output_drop(rstd);
     return raise_err(env, OP, &err);
   }
   return enif_make_tuple4(env, tensor_term(env, y), sum ? tensor_term(env, sum) : A_NIL,
@@ -287,17 +257,17 @@ ERL_NIF_TERM nif_norm_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
                    c->s[NA_IW], c->s[NA_IB]);
   const mx_tensor *x = c->t[NA_X];
   const int accumulate = c->t[NA_IW] != NULL;
-  mx_tensor *dx = norm_output(env, OP, c->slot, c->io, x->shape, x->rank, &raised);
+  mx_tensor *dx = output_new(env, OP, c->slot, c->io, x->shape, x->rank, &raised, NULL);
   mx_tensor *dw = NULL, *db = NULL;
   ok = dx != NULL;
   if (ok && !accumulate) {
-    ok = (dw = norm_output(env, OP, c->slot, c->param, &c->dim, 1, &raised)) != NULL;
+    ok = (dw = output_new(env, OP, c->slot, c->param, &c->dim, 1, &raised, NULL)) != NULL;
     if (ok && c->t[NA_B])
-      ok = (db = norm_output(env, OP, c->slot, c->param, &c->dim, 1, &raised)) != NULL;
+      ok = (db = output_new(env, OP, c->slot, c->param, &c->dim, 1, &raised, NULL)) != NULL;
   }
   if (!ok) {
-    norm_drop(dx);
-    norm_drop(dw);
+    output_drop(dx);
+    output_drop(dw);
     norm_release(c);
     return raised;
   }
@@ -311,9 +281,9 @@ ERL_NIF_TERM nif_norm_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
   const int has_bias = c->t[NA_B] != NULL;
   norm_release(c);
   if (rc != MX_OK) {
-    norm_drop(dx);
-    norm_drop(dw);
-    norm_drop(db);
+    output_drop(dx);
+    output_drop(dw);
+    output_drop(db);
     return raise_err(env, OP, &err);
   }
   ERL_NIF_TERM dwt = accumulate ? argv[8] : tensor_term(env, dw);

@@ -68,13 +68,6 @@ static const void *scan_ptr(const scan_call *c, int i) {
   return c->t[i] ? mx_data(c->s[i], c->t[i]) : NULL;
 }
 
-static int has_shape(const mx_tensor *t, int rank, const int64_t *shape) {
-  if (t->rank != rank) return 0;
-  for (int i = 0; i < rank; i++)
-    if (t->shape[i] != shape[i]) return 0;
-  return 1;
-}
-
 /* Raise ArgumentError after releasing the call's storages. */
 #define SCAN_FAIL(...)                \
   do {                                \
@@ -147,7 +140,7 @@ static ERL_NIF_TERM scan_parse(ErlNifEnv *env, const char *op, const ERL_NIF_TER
   const int io3[3] = {S_DELTA, S_Z, S_DOUT};
   for (int k = 0; k < 3; k++) {
     const mx_tensor *t = c->t[io3[k]];
-    if (t && !has_shape(t, 3, bld))
+    if (t && !tensor_has_shape(t, 3, bld))
       SCAN_FAIL("%s must have the shape of u, %T, got: %T", ARG_NAME[io3[k]],
                 shape_term(env, bld, 3), shape_term(env, t->shape, t->rank));
   }
@@ -171,7 +164,7 @@ static ERL_NIF_TERM scan_parse(ErlNifEnv *env, const char *op, const ERL_NIF_TER
     SCAN_FAIL("b must have shape %T or {batch, length, groups, states}, got: %T",
               shape_term(env, want3, 3), shape_term(env, Bm->shape, Bm->rank));
   }
-  if (!has_shape(Cm, Bm->rank, Bm->shape))
+  if (!tensor_has_shape(Cm, Bm->rank, Bm->shape))
     SCAN_FAIL("c must have the shape of b, %T, got: %T", shape_term(env, Bm->shape, Bm->rank),
               shape_term(env, Cm->shape, Cm->rank));
   if (c->D % c->G != 0)
@@ -180,7 +173,7 @@ static ERL_NIF_TERM scan_parse(ErlNifEnv *env, const char *op, const ERL_NIF_TER
   const int vecs[2] = {S_D, S_BIAS};
   for (int k = 0; k < 2; k++) {
     const mx_tensor *t = c->t[vecs[k]];
-    if (t && !has_shape(t, 1, &c->D))
+    if (t && !tensor_has_shape(t, 1, &c->D))
       SCAN_FAIL("%s must have shape {%ld}, got: %T", ARG_NAME[vecs[k]], (long)c->D,
                 shape_term(env, t->shape, t->rank));
   }
@@ -188,12 +181,12 @@ static ERL_NIF_TERM scan_parse(ErlNifEnv *env, const char *op, const ERL_NIF_TER
   const int states[2] = {S_H0, S_DHL};
   for (int k = 0; k < 2; k++) {
     const mx_tensor *t = c->t[states[k]];
-    if (t && !has_shape(t, 3, bdn))
+    if (t && !tensor_has_shape(t, 3, bdn))
       SCAN_FAIL("%s must have shape {batch, channels, states} = %T, got: %T",
                 ARG_NAME[states[k]], shape_term(env, bdn, 3), shape_term(env, t->shape, t->rank));
   }
   const mx_tensor *R = c->t[S_RESET];
-  if (R && !has_shape(R, 2, bld))
+  if (R && !tensor_has_shape(R, 2, bld))
     SCAN_FAIL("reset must have shape {batch, length} = %T, got: %T", shape_term(env, bld, 2),
               shape_term(env, R->shape, R->rank));
   return 0;
@@ -234,31 +227,6 @@ static size_t scan_work(const scan_call *c) {
   return w >= 1e18 ? (size_t)1 << 60 : (size_t)w;
 }
 
-/* A new output tensor, or a raised exception (with *ok = 0). */
-static mx_tensor *scan_output(ErlNifEnv *env, const char *op, int slot, int dtype,
-                              const int64_t *shape, int rank, ERL_NIF_TERM *raised, int *ok) {
-  int64_t n = mx_numel_checked(shape, rank, mx_dtype_size(dtype));
-  mx_err err = {0, {0}};
-  mx_storage *s = NULL;
-  if (n < 0) {
-    *ok = 0;
-    *raised = raise_arg(env, op, "the output size overflows");
-    return NULL;
-  }
-  if (mx_storage_new(slot, (size_t)n * mx_dtype_size(dtype), &s, &err)) {
-    *ok = 0;
-    *raised = raise_err(env, op, &err);
-    return NULL;
-  }
-  return tensor_wrap(s, dtype, shape, rank);
-}
-
-static void scan_drop(mx_tensor *t) {
-  if (!t) return;
-  mx_tensor_drop(t);
-  enif_release_resource(t);
-}
-
 static ERL_NIF_TERM no_kernel(ErlNifEnv *env, const char *op, const scan_call *c) {
   mx_err e = {MX_E_RUNTIME, {0}};
   snprintf(e.msg, sizeof e.msg, "the %s backend has no %s kernel", mx_backend_for(c->slot)->name,
@@ -285,10 +253,10 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   MAYBE_RESCHEDULE(nif_scan_forward, c->slot, scan_work(c), c->s[0], c->s[1], c->s[2], c->s[3],
                    c->s[4], c->s[5], c->s[6], c->s[7], c->s[8], c->s[9]);
   const int64_t bld[3] = {c->B, c->L, c->D}, bdn[3] = {c->B, c->D, c->N};
-  mx_tensor *out = scan_output(env, OP, c->slot, c->io, bld, 3, &raised, &ok);
-  mx_tensor *hl = ok ? scan_output(env, OP, c->slot, c->param, bdn, 3, &raised, &ok) : NULL;
+  mx_tensor *out = output_new(env, OP, c->slot, c->io, bld, 3, &raised, &ok);
+  mx_tensor *hl = ok ? output_new(env, OP, c->slot, c->param, bdn, 3, &raised, &ok) : NULL;
   if (!ok) {
-    scan_drop(out);
+    output_drop(out);
     scan_release(c);
     return raised;
   }
@@ -300,10 +268,10 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
     mx_scan_args a = scan_args(c);
     int64_t ck_elems = want_ck && be->scan_ckpt_elems ? be->scan_ckpt_elems(dev, &a) : 0;
     if (ck_elems > 0) {
-      ck = scan_output(env, OP, c->slot, c->param, &ck_elems, 1, &raised, &ok);
+      ck = output_new(env, OP, c->slot, c->param, &ck_elems, 1, &raised, &ok);
       if (!ok) {
-        scan_drop(out);
-        scan_drop(hl);
+        output_drop(out);
+        output_drop(hl);
         scan_release(c);
         return raised;
       }
@@ -318,9 +286,9 @@ ERL_NIF_TERM nif_scan_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[
   }
   scan_release(c);
   if (rc != MX_OK) {
-    scan_drop(out);
-    scan_drop(hl);
-    scan_drop(ck);
+    output_drop(out);
+    output_drop(hl);
+    output_drop(ck);
     return raise_err(env, OP, &err);
   }
   return enif_make_tuple3(env, tensor_term(env, out), tensor_term(env, hl),
@@ -356,10 +324,10 @@ ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
   ok = 1;
   for (size_t i = 0; i < N_GRADS && ok; i++) {
     const mx_tensor *in = c->t[GRADS[i].arg];
-    if (in) grad[i] = scan_output(env, OP, c->slot, in->dtype, in->shape, in->rank, &raised, &ok);
+    if (in) grad[i] = output_new(env, OP, c->slot, in->dtype, in->shape, in->rank, &raised, &ok);
   }
   if (!ok) {
-    for (size_t i = 0; i < N_GRADS; i++) scan_drop(grad[i]);
+    for (size_t i = 0; i < N_GRADS; i++) output_drop(grad[i]);
     scan_release(c);
     return raised;
   }
@@ -381,7 +349,7 @@ ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
                           : NULL;
     if (bad) {
       mx_storage_release(cks);
-      for (size_t i = 0; i < N_GRADS; i++) scan_drop(grad[i]);
+      for (size_t i = 0; i < N_GRADS; i++) output_drop(grad[i]);
       scan_release(c);
       return raise_arg(env, OP, "checkpoints %s", bad);
     }
@@ -412,7 +380,7 @@ ERL_NIF_TERM nif_scan_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv
   }
   scan_release(c);
   if (rc != MX_OK) {
-    for (size_t i = 0; i < N_GRADS; i++) scan_drop(grad[i]);
+    for (size_t i = 0; i < N_GRADS; i++) output_drop(grad[i]);
     return raise_err(env, OP, &err);
   }
   ERL_NIF_TERM keys[N_GRADS], vals[N_GRADS], map;
