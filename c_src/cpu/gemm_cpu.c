@@ -54,6 +54,7 @@
 
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
+#include "cpu_scratch.h"
 
 /* k block (rows of a packed B panel, columns of a packed A sliver). */
 #define GEMM_KC 256
@@ -184,49 +185,10 @@ static void gemm_pick(void) {
 
 /* ---- scratch --------------------------------------------------------------- */
 
-/* One block is kept between calls (up to GEMM_KEEP_BYTES) so that a run of
- * GEMMs does not fault in fresh pages every time; one call at a time takes
- * it, concurrent calls allocate their own. */
-static pthread_mutex_t keep_lock = PTHREAD_MUTEX_INITIALIZER;
-static void *keep_ptr;
-static size_t keep_size;
+/* Scratch: one block kept between calls (cpu_scratch.h), up to GEMM_KEEP_BYTES. */
+static mx_keep gemm_keep = MX_KEEP_INIT(GEMM_KEEP_BYTES);
 
-static void *scratch_take(size_t bytes, size_t *size) {
-  void *p = NULL;
-  bytes = (bytes + 63) & ~(size_t)63;
-  if (!bytes) bytes = 64;
-  pthread_mutex_lock(&keep_lock);
-  if (keep_ptr && keep_size >= bytes) {
-    p = keep_ptr;
-    *size = keep_size;
-    keep_ptr = NULL;
-  }
-  pthread_mutex_unlock(&keep_lock);
-  if (!p) {
-    p = aligned_alloc(64, bytes);
-    *size = bytes;
-  }
-  return p;
-}
-
-static void scratch_give(void *p, size_t size) {
-  if (p && size <= GEMM_KEEP_BYTES) {
-    pthread_mutex_lock(&keep_lock);
-    if (!keep_ptr || keep_size < size) {
-      void *old = keep_ptr;
-      keep_ptr = p;
-      keep_size = size;
-      p = old;
-    }
-    pthread_mutex_unlock(&keep_lock);
-  }
-  free(p);
-}
-
-__attribute__((destructor)) static void gemm_scratch_release(void) {
-  free(keep_ptr);
-  keep_ptr = NULL;
-}
+__attribute__((destructor)) static void gemm_scratch_release(void) { mx_keep_release(&gemm_keep); }
 
 /* ---- GEMM driver ---------------------------------------------------------------- */
 
@@ -386,14 +348,14 @@ int cpu_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
   const size_t bbytes = ((size_t)g->k * (size_t)x.np * es + 63) & ~(size_t)63;
   x.astride = ((size_t)x.mc * (size_t)x.kc * es + 63) & ~(size_t)63;
   size_t size = 0;
-  char *scratch = scratch_take(bbytes + x.astride * (size_t)workers, &size);
+  char *scratch = mx_keep_take(&gemm_keep, bbytes + x.astride * (size_t)workers, &size);
   if (!scratch) return gemm_fail(err, MX_E_OOM, "out of host memory for the packed panels");
   x.bpack = scratch;
   x.ascratch = scratch + bbytes;
 
   run_items((x.npanels + GEMM_PACK_PANELS - 1) / GEMM_PACK_PANELS, v->pack_b, &x, parallel);
   run_items(iblocks * x.jblocks, v->item, &x, parallel);
-  scratch_give(scratch, size);
+  mx_keep_give(&gemm_keep, scratch, size);
   return MX_OK;
 }
 

@@ -121,6 +121,7 @@
 #include "../core/backend.h"
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
+#include "cpu_scratch.h"
 
 #define LANES 16
 #ifndef SC_AHEAD
@@ -298,49 +299,10 @@ static int scan_check(const mx_scan_args *a, const char *op, mx_err *err) {
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* Scratch memory. One block is kept between calls (up to
- * MX_SCAN_KEEP_BYTES), so that a run of scans does not fault in fresh pages
- * on every call; one call at a time takes it, others allocate their own. */
-static pthread_mutex_t keep_lock = PTHREAD_MUTEX_INITIALIZER;
-static void *keep_ptr;
-static size_t keep_size;
+/* Scratch: one block kept between calls (cpu_scratch.h), up to MX_SCAN_KEEP_BYTES. */
+static mx_keep scan_keep = MX_KEEP_INIT(MX_SCAN_KEEP_BYTES);
 
-static void *scratch_take(size_t bytes, size_t *size) {
-  void *p = NULL;
-  bytes = round64(bytes ? bytes : 1);
-  pthread_mutex_lock(&keep_lock);
-  if (keep_ptr && keep_size >= bytes) {
-    p = keep_ptr;
-    *size = keep_size;
-    keep_ptr = NULL;
-  }
-  pthread_mutex_unlock(&keep_lock);
-  if (!p) {
-    p = aligned_alloc(64, bytes);
-    *size = bytes;
-  }
-  return p;
-}
-
-/* Keeps the larger of the block given back and the one kept; frees the other. */
-static void scratch_give(void *p, size_t size) {
-  if (p && size <= MX_SCAN_KEEP_BYTES) {
-    pthread_mutex_lock(&keep_lock);
-    if (!keep_ptr || keep_size < size) {
-      void *old = keep_ptr;
-      keep_ptr = p;
-      keep_size = size;
-      p = old;
-    }
-    pthread_mutex_unlock(&keep_lock);
-  }
-  free(p);
-}
-
-__attribute__((destructor)) static void scratch_release(void) {
-  free(keep_ptr);
-  keep_ptr = NULL;
-}
+__attribute__((destructor)) static void scan_scratch_release(void) { mx_keep_release(&scan_keep); }
 
 typedef struct {
   mx_pool_fn fwd, bwd, reduce_bc, reduce_param;
@@ -402,10 +364,10 @@ int cpu_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last, mx
   const int workers = parallel ? mx_pool_size() : 1;
   c.scratch_stride = round64(2 * (size_t)N * LANES * rs);
   size_t size;
-  c.scratch = scratch_take(c.scratch_stride * (size_t)workers, &size);
+  c.scratch = mx_keep_take(&scan_keep, c.scratch_stride * (size_t)workers, &size);
   if (!c.scratch) return scan_fail(err, MX_E_OOM, op, "out of host memory for scratch");
   scan_run(items, scan_kernels_for(a->io)->fwd, &c, parallel);
-  scratch_give(c.scratch, size);
+  mx_keep_give(&scan_keep, c.scratch, size);
   return MX_OK;
 }
 
@@ -466,7 +428,7 @@ int cpu_scan_backward(int dev, const mx_scan_args *a, const void *d_out, const v
   const size_t vec_bytes = round64((size_t)(slab * D) * rs);
   const size_t bc_bytes = P > 1 ? round64((size_t)(slab * G * P * 2 * L * N) * rs) : 0;
   size_t size;
-  char *block = scratch_take(scratch_bytes + dA_bytes + 2 * vec_bytes + bc_bytes, &size);
+  char *block = mx_keep_take(&scan_keep, scratch_bytes + dA_bytes + 2 * vec_bytes + bc_bytes, &size);
   if (!block) return scan_fail(err, MX_E_OOM, op, "out of host memory for scratch");
   c.scratch = block;
   c.dA_part = block + scratch_bytes;
@@ -484,6 +446,6 @@ int cpu_scan_backward(int dev, const mx_scan_args *a, const void *d_out, const v
     if (P > 1) scan_run(c.slab_len * G, k->reduce_bc, &c, bc_work >= 8 * MX_SCAN_SERIAL_WORK);
     scan_run((D + 63) / 64, k->reduce_param, &c, param_work >= 8 * MX_SCAN_SERIAL_WORK);
   }
-  scratch_give(block, size);
+  mx_keep_give(&scan_keep, block, size);
   return MX_OK;
 }
