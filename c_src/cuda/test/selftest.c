@@ -7,7 +7,7 @@
  * paths (out of memory, bad arguments, a lost device: that one runs last).
  *
  *   gcc -O2 -std=gnu11 -D_GNU_SOURCE -ffp-contract=off -o selftest c_src/cuda/test/selftest.c \
- *       c_src/cpu/cpu_backend.c c_src/cpu/cpu_pool.c c_src/cpu/scan_cpu.c -ldl -lm -lpthread
+ *       c_src/cpu/*.c -ldl -lm -lpthread
  *   ./selftest priv/mambex_cuda.so [--quick] [--only=reduce,permute,...]
  */
 #include <dlfcn.h>
