@@ -1,17 +1,6 @@
 // linear_lt_sweep.cu: sweeps cuBLASLt algorithm configurations for the Mambex linear shapes
 // (standalone; not part of the build). nvcc -O2 -arch=sm_90 linear_lt_sweep.cu -lcublasLt -lcublas -o sweep; SWEEP_S=8 ./sweep
 #include "linear_lt_common.cuh"
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof sk, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof red, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swz, sizeof swz, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &cust, sizeof cust, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cl, sizeof cl, &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, &inner, sizeof inner, &w);
-  sprintf(buf, "algo %d tile %d stages %d splitk %d red %d swz %d cust %d cluster %d inner %d waves %.2f ws %zu",
-          id, tile, stages, sk, red, swz, cust, cl, inner, r.wavesCount, r.workspaceSize);
-}
 
 
 #include <chrono>
