@@ -659,10 +659,9 @@ defmodule Mambex.AdamWLeakTest do
   alias Mambex.{AdamW, Tensor}
 
   defp leak_check(device) do
-    base = settled_stats(device)
-
-    {pid, ref} =
-      spawn_monitor(fn ->
+    Mambex.TestHelpers.assert_no_leak(
+      device,
+      fn ->
         sizes = [1, 3, 1025, 70_000]
         ps = for n <- sizes, do: Tensor.random_uniform({n}, seed: n, device: device)
         gs = for n <- sizes, do: Tensor.random_uniform({n}, seed: n + 1, device: device)
@@ -683,12 +682,9 @@ defmodule Mambex.AdamWLeakTest do
         end
 
         300 = AdamW.step_count(st)
-      end)
-
-    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 60_000
-    after_ = settled_stats(device, base)
-    assert after_.live_bytes == base.live_bytes
-    assert after_.live_handles == base.live_handles
+      end,
+      60_000
+    )
   end
 
   test "live bytes and handles return to their start after many steps" do

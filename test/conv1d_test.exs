@@ -753,10 +753,9 @@ defmodule Mambex.Conv1dMemoryTest do
   defp leak_check(device) do
     inputs = make_inputs(seed_for("memory"), {2, 33, 40, 4}, silu: true, bias: true,
       initial_state: true, d_final: true)
-    before = Mambex.TestHelpers.settled_stats(device)
-
-    {pid, ref} =
-      spawn_monitor(fn ->
+    Mambex.TestHelpers.assert_no_leak(
+      device,
+      fn ->
         ts = tensors(inputs, device)
         d_out = d_out_tensor(inputs, device)
         d_fin = d_final_tensor(inputs, device)
@@ -778,12 +777,8 @@ defmodule Mambex.Conv1dMemoryTest do
         end
 
         :erlang.garbage_collect()
-      end)
-
-    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 120_000
-    after_ = Mambex.TestHelpers.settled_stats(device, before)
-    assert after_.live_bytes == before.live_bytes
-    assert after_.live_handles == before.live_handles
+      end
+    )
   end
 
   test "live bytes and handles return to their start after many conv1d calls" do

@@ -592,10 +592,9 @@ defmodule Mambex.LinearMemoryTest do
   alias Mambex.{Linear, Tensor}
 
   defp leak_check(device) do
-    before = Mambex.TestHelpers.settled_stats(device)
-
-    {pid, ref} =
-      spawn_monitor(fn ->
+    Mambex.TestHelpers.assert_no_leak(
+      device,
+      fn ->
         x = Tensor.random_uniform({3, 40, 24}, seed: 1, device: device)
         w = Tensor.random_uniform({24, 16}, seed: 2, device: device)
         b = Tensor.random_uniform({16}, seed: 3, device: device)
@@ -619,28 +618,8 @@ defmodule Mambex.LinearMemoryTest do
         end
 
         :erlang.garbage_collect()
-      end)
-
-    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 120_000
-    after_ = settle(device, before)
-    assert after_.live_bytes == before.live_bytes
-    assert after_.live_handles == before.live_handles
-  end
-
-  # A dead process's tensors are released while it finishes exiting, which
-  # on a loaded machine can outlast settled_stats's yields: wait a bounded
-  # while longer (a real leak still fails).
-  defp settle(device, before) do
-    Enum.reduce_while(1..100, nil, fn _, _ ->
-      s = Mambex.TestHelpers.settled_stats(device, before)
-
-      if s.live_bytes == before.live_bytes and s.live_handles == before.live_handles do
-        {:halt, s}
-      else
-        Process.sleep(10)
-        {:cont, s}
       end
-    end)
+    )
   end
 
   test "live bytes and handles return to their start after many calls, failed ones included" do

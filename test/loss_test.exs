@@ -559,10 +559,9 @@ defmodule Mambex.LossMemoryTest do
   alias Mambex.{Loss, Tensor}
 
   defp leak_check(device) do
-    before = settled_stats(device)
-
-    {pid, ref} =
-      spawn_monitor(fn ->
+    Mambex.TestHelpers.assert_no_leak(
+      device,
+      fn ->
         lt = Tensor.random_uniform({9, 1100}, seed: 1, device: device)
         ls = Tensor.random_uniform({13, 70}, seed: 2, device: device)
         tt = make(Enum.to_list(0..8), {:s, 32}, {9}, device)
@@ -584,12 +583,8 @@ defmodule Mambex.LossMemoryTest do
         end
 
         :erlang.garbage_collect()
-      end)
-
-    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 120_000
-    after_ = settled_stats(device, before)
-    assert after_.live_bytes == before.live_bytes
-    assert after_.live_handles == before.live_handles
+      end
+    )
   end
 
   test "live bytes and handles return to their start after many calls, failed ones included" do

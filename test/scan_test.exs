@@ -885,10 +885,9 @@ defmodule Mambex.ScanMemoryTest do
   # each time: afterwards live bytes and handles are back where they were.
   defp scan_leak_check(device, {b, l, d, _n, _g} = dims) do
     inputs = make_inputs(seed_for("memory"), dims, io: {:f, 32}, d: true, z: true, reset: true)
-    before = Mambex.TestHelpers.settled_stats(device)
-
-    {pid, ref} =
-      spawn_monitor(fn ->
+    Mambex.TestHelpers.assert_no_leak(
+      device,
+      fn ->
         ts = tensors(inputs, device)
         d_out = tensor(inputs.d_out, {b, l, d}, {:f, 32}, device)
         bad = Tensor.zeros({b, l, d + 1}, device: device)
@@ -906,12 +905,8 @@ defmodule Mambex.ScanMemoryTest do
         end
 
         :erlang.garbage_collect()
-      end)
-
-    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 120_000
-    after_ = Mambex.TestHelpers.settled_stats(device, before)
-    assert after_.live_bytes == before.live_bytes
-    assert after_.live_handles == before.live_handles
+      end
+    )
   end
 
   test "live bytes and handles return to their start after many scans, failed ones included" do

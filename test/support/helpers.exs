@@ -141,6 +141,20 @@ defmodule Mambex.TestHelpers do
     end)
   end
 
+  @doc """
+  Runs `fun` in a process of its own (so every tensor it makes is dead once
+  it exits), waits for it to finish normally, and asserts that the device's
+  live bytes and handles are back where they were before.
+  """
+  def assert_no_leak(device, fun, timeout \\ 120_000) do
+    before = settled_stats(device)
+    {pid, ref} = spawn_monitor(fun)
+    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, timeout
+    after_ = settled_stats(device, before)
+    assert after_.live_bytes == before.live_bytes
+    assert after_.live_handles == before.live_handles
+  end
+
   def numel(shape), do: shape |> Tuple.to_list() |> Enum.reduce(1, &*/2)
 
   @doc "A tensor holding `values` (already representable in `type`)."
