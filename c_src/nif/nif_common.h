@@ -116,10 +116,11 @@ ERL_NIF_TERM nif_matmul(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
                        g_cuda_devices);                                                  \
   } while (0)
 
-/* For ops that only enqueue device work (or run on the CPU). */
-#define MAYBE_RESCHEDULE(fn, slot, work_bytes, ...)                              \
+/* Move the running NIF to the scheduler `flags_fn(slot, work_bytes)` names,
+ * releasing the given storages first; nothing happens when it says 0. */
+#define MAYBE_RESCHEDULE_BY(flags_fn, fn, slot, work_bytes, ...)                 \
   do {                                                                           \
-    int f_ = resched_flags_enqueue(slot, work_bytes);                                    \
+    int f_ = flags_fn(slot, work_bytes);                                         \
     if (f_) {                                                                    \
       mx_storage *rel_[] = {NULL, __VA_ARGS__};                                  \
       for (size_t i_ = 1; i_ < sizeof rel_ / sizeof rel_[0]; i_++)               \
@@ -128,17 +129,13 @@ ERL_NIF_TERM nif_matmul(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
     }                                                                            \
   } while (0)
 
+/* For ops that only enqueue device work (or run on the CPU). */
+#define MAYBE_RESCHEDULE(fn, slot, work_bytes, ...) \
+  MAYBE_RESCHEDULE_BY(resched_flags_enqueue, fn, slot, work_bytes, __VA_ARGS__)
+
 /* For ops that wait for the device (copies to or from the host, sync). */
-#define MAYBE_RESCHEDULE_WAITING(fn, slot, work_bytes, ...)                              \
-  do {                                                                           \
-    int f_ = resched_flags(slot, work_bytes);                                    \
-    if (f_) {                                                                    \
-      mx_storage *rel_[] = {NULL, __VA_ARGS__};                                  \
-      for (size_t i_ = 1; i_ < sizeof rel_ / sizeof rel_[0]; i_++)               \
-        mx_storage_release(rel_[i_]);                                            \
-      return enif_schedule_nif(env, OP, f_, fn, argc, argv);                     \
-    }                                                                            \
-  } while (0)
+#define MAYBE_RESCHEDULE_WAITING(fn, slot, work_bytes, ...) \
+  MAYBE_RESCHEDULE_BY(resched_flags, fn, slot, work_bytes, __VA_ARGS__)
 
 #define NEW_OUTPUT(out, outs, slot, dtype, shape, rank, ...)                    \
   mx_tensor *out;                                                               \

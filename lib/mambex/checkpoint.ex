@@ -19,7 +19,8 @@ defmodule Mambex.Checkpoint do
         rank     u8       0..8
         dims     rank × u64
         nbytes   u64      = product(dims) × type size
-        data     nbytes   row-major, little-endian
+        data     nbytes   row-major, little-endian (the native order of every
+                          supported target: tensor bytes are written as they are)
       crc32      u32      of every byte before it
 
   Names are strings (never atoms). `read/2` checks every field (magic,
@@ -75,7 +76,7 @@ defmodule Mambex.Checkpoint do
         %Tensor{shape: shape, type: type} = t
         code = Enum.find_index(@types, &(&1 == type))
         dims = Tuple.to_list(shape)
-        data = Tensor.to_binary(t) |> to_little(type)
+        data = Tensor.to_binary(t)
 
         [
           <<byte_size(name)::little-16>>,
@@ -103,9 +104,6 @@ defmodule Mambex.Checkpoint do
     unless is_binary(name) and byte_size(name) in 1..@max_name and String.valid?(name),
       do: raise(ArgumentError, "Checkpoint: names must be UTF-8 strings of 1..#{@max_name} bytes, got: #{inspect(name)}")
   end
-
-  # Native order is little-endian on every supported target; swap otherwise.
-  defp to_little(data, _type), do: data
 
   @doc """
   Reads a file written by `write/3`; tensors are created on `device`.
