@@ -135,7 +135,7 @@ defmodule Mambex.ModelTest do
       assert is_binary(msg)
     end
 
-    {:ok, tensors, numbers} = Mambex.Checkpoint.decode(bin)
+    {:ok, tensors, numbers} = Checkpoint.decode(bin)
     bad = [
       {Map.delete(tensors, "param/head.bias"), numbers},
       {tensors, Map.put(numbers, "model.d_model", 9)},
@@ -145,7 +145,7 @@ defmodule Mambex.ModelTest do
     ]
 
     for {t, n} <- bad do
-      :ok = Mambex.Checkpoint.write(path, t, n)
+      :ok = Checkpoint.write(path, t, n)
       assert {:error, _} = Model.load(path)
     end
 
