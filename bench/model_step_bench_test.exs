@@ -8,7 +8,7 @@ defmodule Mambex.ModelStepBench do
   # bench/results/model_step.csv.
   use ExUnit.Case, async: false
 
-  alias Mambex.{Bench, Model, Tensor}
+  alias Mambex.{Bench, Model, Stepper, Tensor}
 
   defp model(device, layers),
     do: Model.new(features: 256, outputs: 64, d_model: 256, n_layers: layers, seed: 1, device: device)
@@ -46,13 +46,45 @@ defmodule Mambex.ModelStepBench do
     row("model_step", layers, batch, 1, device, "wall frame in+logits out", Bench.wall_time(device, fun, warmup: 10, runs: runs))
   end
 
-  defp step_device(device, layers, batch) do
+  defp step_device(device, layers, batch, fused \\ :auto) do
     m = model(device, layers)
     frame = Tensor.from_binary(frame_bin(batch, 1), {:f, 32}, shape: {batch, 256}, device: device)
     state = Model.init_state(m, batch)
     # the same state every run: the work is the same as the carried one's
-    fun = fn -> Model.step(m, state, frame) end
-    row("model_step", layers, batch, 1, device, "device", Bench.device_time(device, fun, warmup: 10, runs: 100))
+    fun = fn -> Model.step(m, state, frame, fused: fused) end
+    how = if fused == false, do: "device ops", else: "device fused"
+    row("model_step", layers, batch, 1, device, how, Bench.device_time(device, fun, warmup: 10, runs: 200))
+  end
+
+  # Mambex.Stepper: one NIF call per frame (binary in, replayed graph,
+  # binary out). Wall time from Elixir; the p99 goes in the metric column.
+  defp stepper_wall(device, layers, batch, runs, opts \\ []) do
+    m = model(device, layers)
+    bin = frame_bin(batch, 1)
+    Process.put(:bench_stepper, Stepper.new(m, batch, opts))
+
+    fun = fn ->
+      {logits, st} = Stepper.step(Process.get(:bench_stepper), bin)
+      Process.put(:bench_stepper, st)
+      logits
+    end
+
+    stats = Bench.wall_time(device, fun, warmup: 50, runs: runs)
+    info = Stepper.info(Process.get(:bench_stepper))
+    Stepper.free(Process.get(:bench_stepper))
+    label = "stepper #{Mambex.executor()} graphed=#{info.graphed}#{if opts[:blocks], do: " blocks=#{opts[:blocks]}", else: ""}"
+    Map.merge(row("model_step", layers, batch, 1, device, label, stats), %{metric: "p99_us", value: stats.p99})
+  end
+
+  # The plan's whole replay (upload, kernel, download) in device time.
+  defp stepper_device(device, layers, batch, opts) do
+    m = model(device, layers)
+    bin = frame_bin(batch, 1)
+    st = Stepper.new(m, batch, opts)
+    fun = fn -> Stepper.step(st, bin) end
+    stats = Bench.device_time(device, fun, warmup: 20, runs: 200)
+    Stepper.free(st)
+    row("model_step", layers, batch, 1, device, "device stepper replay blocks=#{opts[:blocks] || 0}", stats)
   end
 
   defp window_wall(device, layers, batch, len, runs) do
@@ -68,11 +100,12 @@ defmodule Mambex.ModelStepBench do
     row("model_window_forward", layers, batch, len, device, "wall inputs in+outputs out", Bench.wall_time(device, fun, warmup: 3, runs: runs))
   end
 
-  defp window_device(device, layers, batch, len) do
+  defp window_device(device, layers, batch, len, fused \\ :auto) do
     m = model(device, layers)
     x = Tensor.from_binary(frame_bin(batch, len), {:f, 32}, shape: {batch, len, 256}, device: device)
-    fun = fn -> Model.forward_with_state(m, x) end
-    row("model_window_forward", layers, batch, len, device, "device", Bench.device_time(device, fun, warmup: 5, runs: 50))
+    fun = fn -> Model.forward_with_state(m, x, fused: fused) end
+    how = if fused == false, do: "device ops", else: "device fused"
+    row("model_window_forward", layers, batch, len, device, how, Bench.device_time(device, fun, warmup: 5, runs: 100))
   end
 
   @tag :cuda
@@ -81,12 +114,30 @@ defmodule Mambex.ModelStepBench do
 
     rows =
       for layers <- [2, 4], batch <- [1, 256] do
-        [step_wall(d, layers, batch, 200), step_device(d, layers, batch)]
+        [step_wall(d, layers, batch, 200), step_device(d, layers, batch), step_device(d, layers, batch, false)]
       end
-      |> List.flatten()
 
-    rows = rows ++ for layers <- [2, 4], do: [window_wall(d, layers, 1, 60, 50), window_device(d, layers, 1, 60)]
-    BenchHelper.report("model_step.csv", List.flatten(rows))
+    sweep =
+      for layers <- [2, 4], blocks <- [16, 32, 64, 132] do
+        stepper_device(d, layers, 1, blocks: blocks)
+      end
+
+    steppers =
+      for layers <- [2, 4], mode <- [:dirty, :inline] do
+        Mambex.set_executor(mode)
+        r = stepper_wall(d, layers, 1, 2000)
+        Mambex.set_executor(:dirty)
+        r
+      end
+
+    agents = for layers <- [2, 4], do: stepper_wall(d, layers, 256, 500)
+
+    windows =
+      for layers <- [2, 4] do
+        [window_wall(d, layers, 1, 60, 50), window_device(d, layers, 1, 60), window_device(d, layers, 1, 60, false)]
+      end
+
+    BenchHelper.report("model_step.csv", List.flatten([rows, sweep, steppers, agents, windows]))
   end
 
   test "CPU step (batch 1, 2 layers) and 60-frame window (batch 1)" do

@@ -1,14 +1,14 @@
 defmodule Mambex.RealtimeBench do
   # Issue 6's real-time check: 600 frames at 60 FPS (10 s) through the
   # one-frame step of the 2-layer DESIGN.md §7 model at batch 1, from Elixir
-  # (frame binary in, logits binary out), while one busy process per
+  # (Mambex.Stepper: frame binary in, logits binary out), while one busy process per
   # scheduler keeps every scheduler loaded. Reports the per-frame latency
   # distribution and the worst frame; on CUDA asserts that no frame takes
   # over 1 ms. Run it with each executor mode. Appends to
   # bench/results/realtime.csv.
   use ExUnit.Case, async: false
 
-  alias Mambex.{Bench, Model, Tensor}
+  alias Mambex.{Bench, Model, Stepper}
 
   @frames 600
   @period_us 16_667
@@ -20,15 +20,14 @@ defmodule Mambex.RealtimeBench do
     frames = for _ <- 1..8, do: for(_ <- 1..256, into: <<>>, do: <<:rand.uniform() * 2 - 1::float-32-native>>)
     frames = List.to_tuple(frames)
 
-    step = fn state, i ->
-      frame = Tensor.from_binary(elem(frames, rem(i, 8)), {:f, 32}, shape: {1, 256}, device: device)
-      {logits, state} = Model.step(m, state, frame)
-      _ = Tensor.to_binary(logits)
-      state
+    # Mambex.Stepper: the captured plan on CUDA, op by op on the CPU
+    step = fn st, i ->
+      {_logits, st} = Stepper.step(st, elem(frames, rem(i, 8)))
+      st
     end
 
-    # warm-up (allocator pools, cuBLAS plans)
-    state = Enum.reduce(1..20, Model.init_state(m, 1), fn i, s -> step.(s, i) end)
+    # warm-up (allocator pools, plans)
+    state = Enum.reduce(1..20, Stepper.new(m, 1), fn i, s -> step.(s, i) end)
 
     busy =
       for _ <- 1..System.schedulers_online() do

@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define MX_BACKEND_ABI 5
+#define MX_BACKEND_ABI 6
 #define MX_MAX_RANK 8
 #define MX_MAX_CUDA_DEVICES 16
 #define MX_ERR_LEN 256
@@ -278,6 +278,51 @@ typedef struct {
   float *grad_norm;  /* device scalar, or NULL */
 } mx_adamw_args;
 
+/* Fused inference of a whole Mambex.Model (input projection, n_layers x
+ * [RMSNorm -> Mamba block -> residual], final RMSNorm, head) over x
+ * (batch, len, features), in one queue position (CUDA: one persistent
+ * kernel). The semantics are those of the model's forward: scan with
+ * softplus, D and the z gate; conv with SiLU; states carried in and out.
+ * All f32. Limits: n_layers <= MX_INFER_MAX_LAYERS, d_state <= 32,
+ * d_conv <= 8, features, d_model, d_inner <= MX_INFER_MAX_K,
+ * dt_rank + 2 d_state <= MX_INFER_MAX_K. */
+#define MX_INFER_MAX_LAYERS 16
+#define MX_INFER_MAX_K 2048
+
+typedef struct {
+  const void *norm_w;   /* (DM) */
+  const void *in_x_w;   /* (DM, DI) */
+  const void *in_z_w;   /* (DM, DI) */
+  const void *conv_w;   /* (DI, W) */
+  const void *conv_b;   /* (DI) */
+  const void *x_proj_w; /* (DI, R + 2N) */
+  const void *dt_w;     /* (R, DI) */
+  const void *dt_b;     /* (DI) */
+  const void *a_log;    /* (DI, N); A = -exp(a_log) */
+  const void *d;        /* (DI) */
+  const void *out_w;    /* (DI, DM) */
+  const void *conv_in;  /* (B, DI, W-1) state entering (oldest first), or NULL = zeros */
+  const void *ssm_in;   /* (B, DI, N), or NULL = zeros */
+  void *conv_out;       /* (B, DI, W-1) state after the last step; may equal conv_in */
+  void *ssm_out;        /* (B, DI, N); may equal ssm_in */
+} mx_infer_layer;
+
+typedef struct {
+  int64_t batch, len, features, d_model, d_inner, d_state, d_conv, dt_rank, outputs;
+  int n_layers;
+  int blocks;           /* persistent blocks (0: the backend's choice) */
+  double eps;
+  const void *in_w;     /* (F, DM) */
+  const void *in_b;     /* (DM) */
+  const void *norm_f_w; /* (DM) */
+  const void *head_w;   /* (DM, O) */
+  const void *head_b;   /* (O) */
+  mx_infer_layer layers[MX_INFER_MAX_LAYERS];
+  const void *x;        /* (B, L, F) */
+  const uint8_t *reset; /* (B, L): where non-zero the row starts afresh at that step; or NULL */
+  void *out;            /* (B, L, O) */
+} mx_infer_args;
+
 typedef struct mx_backend {
   int abi;               /* MX_BACKEND_ABI */
   const char *name;      /* "cpu" or "cuda" */
@@ -393,6 +438,26 @@ typedef struct mx_backend {
 
   /* optimiser */
   int (*adamw)(int dev, const mx_adamw_args *a, mx_err *err);
+
+  /* fused inference (NULL where the backend has none) */
+  int (*infer)(int dev, const mx_infer_args *a, mx_err *err);
+  /* A captured inference plan for len = 1: the frame upload, the fused
+   * step and the logits download recorded once (a CUDA graph where the
+   * driver allows) and replayed by infer_plan_run, which waits for it.
+   * a->x, a->out and a->reset are ignored: the plan owns pinned host
+   * buffers, *host_in = frames (B * F f32) followed by B reset bytes, and
+   * *host_out = logits (B * O f32). The states are updated in place
+   * (conv_out == conv_in, ssm_out == ssm_in, both non-NULL). infer_plan_run
+   * must not be called for one plan from two threads at once;
+   * infer_plan_free waits for the plan's last run. *device_bytes: the
+   * device memory the plan holds (for the memory statistics).
+   * infer_plan_graphed: 1 when runs replay a CUDA graph, 0 when they fall
+   * back to launching the three operations. */
+  int (*infer_plan_new)(int dev, const mx_infer_args *a, void **plan, void **host_in,
+                        void **host_out, size_t *device_bytes, mx_err *err);
+  int (*infer_plan_run)(int dev, void *plan, mx_err *err);
+  void (*infer_plan_free)(int dev, void *plan);
+  int (*infer_plan_graphed)(const void *plan);
 } mx_backend;
 
 /* The one symbol the CUDA shared object exports. NULL on ABI mismatch. */

@@ -47,6 +47,11 @@ static const mx_backend mx_cuda_table = {
     .cross_entropy = mx_cuda_cross_entropy,
     .mse = mx_cuda_mse,
     .adamw = mx_cuda_adamw,
+    .infer = mx_cuda_infer,
+    .infer_plan_new = mx_cuda_infer_plan_new,
+    .infer_plan_run = mx_cuda_infer_plan_run,
+    .infer_plan_free = mx_cuda_infer_plan_free,
+    .infer_plan_graphed = mx_cuda_infer_plan_graphed,
 };
 
 extern "C" __attribute__((visibility("default"))) const mx_backend *mx_cuda_backend_get(int abi) {

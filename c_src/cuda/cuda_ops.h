@@ -64,6 +64,14 @@ MX_CUDA_HIDDEN int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const v
                                          const void *dh_last, const mx_scan_grads *g, mx_err *err);
 MX_CUDA_HIDDEN int64_t mx_cuda_scan_ckpt_elems(int dev, const mx_scan_args *a);
 
+/* infer.cu */
+MX_CUDA_HIDDEN int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err);
+MX_CUDA_HIDDEN int mx_cuda_infer_plan_new(int dev, const mx_infer_args *a, void **plan, void **host_in,
+                                          void **host_out, size_t *device_bytes, mx_err *err);
+MX_CUDA_HIDDEN int mx_cuda_infer_plan_run(int dev, void *plan, mx_err *err);
+MX_CUDA_HIDDEN void mx_cuda_infer_plan_free(int dev, void *plan);
+MX_CUDA_HIDDEN int mx_cuda_infer_plan_graphed(const void *plan);
+
 /* linear.cu */
 MX_CUDA_HIDDEN int mx_cuda_gemm(int dev, const mx_gemm_args *a, mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_sum_rows(int dev, int dtype, const void *x, int64_t rows, int64_t cols, void *out, int accumulate, mx_err *err);

@@ -1150,6 +1150,7 @@ static int open_types(ErlNifEnv *env, ErlNifResourceFlags flags) {
   ErlNifResourceFlags tried;
   TENSOR_RT = enif_open_resource_type(env, NULL, "mambex_tensor", tensor_dtor, flags, &tried);
   EVENT_RT = enif_open_resource_type(env, NULL, "mambex_event", event_dtor, flags, &tried);
+  if (infer_nif_open_types(env, flags)) return -1;
   return TENSOR_RT && EVENT_RT ? 0 : -1;
 }
 
@@ -1218,6 +1219,11 @@ static ErlNifFunc nif_funcs[] = {
     /* normal scheduler: moves itself to a dirty one (CPU for large host
      * updates, IO for CUDA enqueues) after checking its arguments */
     {"adamw_step", 9, nif_adamw_step, 0},
+    {"infer", 7, nif_infer, 0},
+    {"infer_plan_new", 4, nif_infer_plan_new, 0},
+    {"infer_plan_step", 3, nif_infer_plan_step, 0},
+    {"infer_plan_info", 1, nif_infer_plan_info, 0},
+    {"infer_plan_free", 1, nif_infer_plan_free, 0},
     {"conv1d_forward", 5, nif_conv1d_forward, 0},
     {"conv1d_backward", 10, nif_conv1d_backward, 0},
     {"norm_forward", 6, nif_norm_forward, 0},

@@ -87,6 +87,13 @@ ERL_NIF_TERM nif_swiglu_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
 /* The loss NIFs (loss_nif.c), registered in mambex_nif.c. */
 ERL_NIF_TERM nif_cross_entropy(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_mse(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+/* The fused-inference NIFs and the plan resource type (infer_nif.c). */
+ERL_NIF_TERM nif_infer(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_infer_plan_new(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_infer_plan_step(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_infer_plan_info(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+ERL_NIF_TERM nif_infer_plan_free(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+int infer_nif_open_types(ErlNifEnv *env, ErlNifResourceFlags flags);
 /* The linear-layer NIFs (linear_nif.c), registered in mambex_nif.c. */
 ERL_NIF_TERM nif_linear_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);

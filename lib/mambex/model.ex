@@ -39,6 +39,7 @@ defmodule Mambex.Model do
   """
 
   alias Mambex.{AdamW, Checkpoint, Linear, Loss, Mamba, Norm, Ops, Tensor}
+  alias Mambex.NIF
 
   @enforce_keys [:config, :params, :device]
   defstruct [:config, :params, :device]
@@ -216,12 +217,87 @@ defmodule Mambex.Model do
   `forward/3` for inference: returns `{outputs, final_state}`, e.g. to run
   a window of frames and then continue with `step/4` (or another window)
   from `final_state`. Options as `forward/3` (`:state`, `:reset`,
-  `:precision`).
+  `:precision`), and `:fused` (see below).
+
+  ## The fused path
+
+  On a CUDA device, an `{:f, 32}` model within the fused limits (see
+  `fused?/1`) runs the whole window in one persistent kernel when
+  `B * L <= 512` (`fused: :auto`, the default): every product in exact
+  fp32 whatever `:precision` says, and resets handled on the device (no
+  host read). `fused: true` insists (ArgumentError when the model or device
+  cannot), `fused: false` always runs the op-by-op forward.
   """
   @spec forward_with_state(t(), Tensor.t(), keyword()) :: {Tensor.t(), State.t()}
   def forward_with_state(model, inputs, opts \\ []) do
-    {out, ctx} = forward(model, inputs, opts)
-    {out, ctx.final_state}
+    opts = validate!(opts, [:state, :reset, precision: :fp32, fused: :auto], "forward_with_state")
+    {b, l} = check_inputs!(model, inputs)
+
+    if use_fused?(model, opts[:fused], b * l, "forward_with_state") do
+      check_tensor!(inputs, model, "forward_with_state", "inputs")
+      check_state!(model, opts[:state], b, "forward")
+      check_flags!(model, opts[:reset], {b, l}, "forward_with_state", "reset")
+      {cfg_t, top, layers} = fused_args(model, 0)
+      states = if opts[:state], do: opts[:state].layers, else: nil
+      {out, new_states} = NIF.infer(cfg_t, top, layers, inputs, opts[:reset], states, false)
+      {out, %State{batch: b, layers: new_states}}
+    else
+      {out, ctx} = forward(model, inputs, Keyword.delete(opts, :fused))
+      {out, ctx.final_state}
+    end
+  end
+
+  @fused_rows 512
+
+  @doc """
+  Whether `model` can run on the fused inference path (`step/4`,
+  `forward_with_state/3`, `Mambex.Stepper`): a CUDA device, type
+  `{:f, 32}`, at most 16 layers, `d_state <= 32`,
+  `d_conv <= 8`, and `features`, `d_model`, `d_inner` and
+  `dt_rank + 2 d_state` at most 2048.
+  """
+  @spec fused?(t()) :: boolean()
+  def fused?(%__MODULE__{config: cfg, device: device}) do
+    %{d_inner: di, d_state: n, d_conv: w, dt_rank: r} = cfg.block
+
+    match?({:cuda, _}, device) and cfg.type == {:f, 32} and cfg.n_layers in 1..16 and n <= 32 and
+      w <= 8 and Enum.all?([cfg.features, cfg.d_model, di, r + 2 * n], &(&1 <= 2048))
+  end
+
+  defp use_fused?(model, mode, rows, fun) do
+    case mode do
+      :auto -> rows in 1..@fused_rows and fused?(model)
+      false -> false
+      true ->
+        fused?(model) ||
+          raise ArgumentError,
+                "Model.#{fun}: fused: true needs a CUDA {:f, 32} model within the fused limits (see Model.fused?/1)"
+
+      other ->
+        raise ArgumentError, "Model.#{fun}: :fused must be :auto, true or false, got: #{inspect(other)}"
+    end
+  end
+
+  @doc false
+  # {cfg, top, layers} of the fused NIFs.
+  def fused_args(%__MODULE__{config: cfg, params: p}, blocks) do
+    %{d_inner: di, d_state: n, d_conv: w, dt_rank: r} = cfg.block
+
+    cfg_t = {cfg.features, cfg.d_model, di, n, w, r, cfg.outputs, cfg.eps, blocks}
+    top = [p["in.weight"], p["in.bias"], p["norm_f.weight"], p["head.weight"], p["head.bias"]]
+
+    layers =
+      for l <- 0..(cfg.n_layers - 1)//1 do
+        m = "layers.#{l}.mixer."
+
+        [p["layers.#{l}.norm.weight"]] ++
+          Enum.map(
+            ~w(in_proj_x.weight in_proj_z.weight conv.weight conv.bias x_proj.weight dt_proj.weight dt_proj.bias a_log d out_proj.weight),
+            &p[m <> &1]
+          )
+      end
+
+    {cfg_t, top, layers}
   end
 
   @doc """
@@ -253,24 +329,39 @@ defmodule Mambex.Model do
       start from a zero state before this frame (a new sequence for that
       row; the other rows continue)
     * `:precision` (`:fp32` or `:tf32`)
+    * `:fused` (`:auto`, `true`, `false`): as in `forward_with_state/3`;
+      with `:auto`, a CUDA `{:f, 32}` model steps up to 512 rows in one
+      fused kernel launch (exact fp32)
+
+  For the lowest latency per frame (one NIF call: frame bytes in, logits
+  bytes out, a replayed CUDA graph), see `Mambex.Stepper`.
 
   Wrong frames, states or resets raise `ArgumentError` naming the argument.
   """
   @spec step(t(), State.t(), Tensor.t(), keyword()) :: {Tensor.t(), State.t()}
   def step(%__MODULE__{config: cfg} = model, state, frame, opts \\ []) do
-    opts = validate!(opts, [:reset, precision: :fp32], "step")
+    opts = validate!(opts, [:reset, precision: :fp32, fused: :auto], "step")
     {b, x} = check_frame!(model, frame)
     check_state!(model, state, b, "step")
     check_flags!(model, opts[:reset], {b}, "step", "reset")
     prec = opts[:precision]
 
-    block = fn l, p, n ->
-      Mamba.step(p, cfg.block, n, Enum.at(state.layers, l), precision: prec, reset: opts[:reset])
-    end
+    {out, layers} =
+      if use_fused?(model, opts[:fused], b, "step") do
+        {cfg_t, top, layers} = fused_args(model, 0)
+        reset = opts[:reset] && Tensor.reshape(opts[:reset], {b, 1})
+        NIF.infer(cfg_t, top, layers, x, reset, state.layers, false)
+      else
+        block = fn l, p, n ->
+          Mamba.step(p, cfg.block, n, Enum.at(state.layers, l), precision: prec, reset: opts[:reset])
+        end
 
-    {out, _, layers, _, _} = stack(model, x, prec, block)
+        {out, _, layers, _, _} = stack(model, x, prec, block)
+        {out, Enum.map(layers, &elem(&1, 1))}
+      end
+
     out = if tuple_size(frame.shape) == 2, do: Tensor.reshape(out, {b, cfg.outputs}), else: out
-    {out, %State{batch: b, layers: Enum.map(layers, &elem(&1, 1))}}
+    {out, %State{batch: b, layers: layers}}
   end
 
   # The stack around `block.(l, block_params, normed) -> {m, result}`:

@@ -59,6 +59,12 @@ defmodule Mambex.NIF do
 
   def adamw_step(_params, _grads, _ms, _vs, _decay, _step, _lr, _want_norm, _hyper),
     do: nif_error()
+
+  def infer(_cfg, _top, _layers, _x, _reset, _states, _in_place), do: nif_error()
+  def infer_plan_new(_cfg, _top, _layers, _states), do: nif_error()
+  def infer_plan_step(_plan, _frames, _resets), do: nif_error()
+  def infer_plan_info(_plan), do: nif_error()
+  def infer_plan_free(_plan), do: nif_error()
   def conv1d_forward(_x, _weight, _bias, _h0, _silu), do: nif_error()
 
   def conv1d_backward(_x, _weight, _bias, _h0, _silu, _d_out, _d_final_state, _into_weight,

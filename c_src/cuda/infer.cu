@@ -1,0 +1,724 @@
+/*
+ * infer.cu: fused inference of a whole Mambex.Model (backend.h,
+ * mx_infer_args) in ONE persistent kernel, and captured per-frame plans.
+ *
+ * Why: at batch 1 every op of the model is a few kernels of a few hundred
+ * threads; launched one by one they cost ~80 us of GPU time per frame,
+ * almost all of it launch gaps. Here one cooperative kernel walks the model
+ * in phases separated by grid-wide barriers:
+ *
+ *   P_in    s   = x . in_w + in_b                                   (R, DM)
+ *   per layer:
+ *   P_proj  xi | z = rmsnorm(s) . [in_x_w | in_z_w]                 (R, DI) x 2
+ *   P_xproj xc  = silu(conv(xi) + conv_b) (each block rebuilds the rows
+ *                 it needs);  dbc = xc . x_proj_w                   (R, R+2N)
+ *   P_scan  delta = softplus(dbc[:, :R] . dt_w + dt_b); the selective
+ *           scan over the rows' steps; y = (C.h + D u) silu(z);
+ *           new conv and ssm states                                 (R, DI)
+ *   P_out   s  += y . out_w                                         (R, DM)
+ *   P_head  out = rmsnorm(s) . head_w + head_b                      (R, O)
+ *
+ * with R = batch * len rows (row r = b * len + t). Every phase is a loop over
+ * work items (a tile of up to IF_TR rows by IF_TC columns of a product, or
+ * one (batch row, channel group) of the scan) spread over the blocks. A
+ * product tile stages its A rows in shared memory and splits K over 32
+ * thread groups whose partial sums are added in a fixed order: results do
+ * not depend on the grid size or on timing (bit-identical reruns).
+ *
+ * Invariants:
+ *   - All blocks are co-resident (cooperative launch), so the barrier can
+ *     spin. The barrier is a per-device pair {count, generation} in device
+ *     memory made once (g_bar) and zeroed once; every barrier leaves count
+ *     back at 0, so kernels on the device's one stream can reuse it. Only
+ *     one fused kernel runs at a time per device: they are all on its stream.
+ *   - Data written in one phase and read by another block in a later phase
+ *     (the scratch rows and the states) are read with __ldcg (L2, not the
+ *     incoherent L1); the barrier fences before it arrives.
+ *   - A state buffer that is both read and written (conv_out == conv_in)
+ *     is read in P_xproj by every block and written only in P_scan, after
+ *     the barrier; the ssm state is read and written by one thread.
+ *   - Plans (infer_plan_*) own their device scratch, pinned host buffers,
+ *     a private capture stream and the graph; they are replayed on the
+ *     device's stream under its enqueue mutex, and freed only after their
+ *     last replay has finished (the plan's event).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_ops.h"
+
+#define IF_THREADS 256
+#define IF_TR 8        /* rows per product tile */
+#define IF_TC 8        /* columns per product tile */
+#define IF_KG 32       /* K groups per product tile (IF_THREADS / IF_TC) */
+#define IF_TT 64       /* scan steps staged per chunk, at most */
+/* dynamic shared memory: an A tile of IF_TR rows of MX_INFER_MAX_K and the
+ * K-group partials; the scan's staging is fitted into the same size */
+#define IF_SMEM_FLOATS (IF_TR * MX_INFER_MAX_K + IF_KG * IF_TR * IF_TC)
+#define IF_MAX_N 32    /* d_state limit of the fused path */
+#define IF_MAX_W 8     /* d_conv limit */
+
+typedef struct {
+  const float *norm_w, *in_x_w, *in_z_w, *conv_w, *conv_b, *x_proj_w, *dt_w, *dt_b, *a_log, *d,
+      *out_w;
+  const float *conv_in, *ssm_in;
+  float *conv_out, *ssm_out;
+} if_layer;
+
+typedef struct {
+  int B, L, F, DM, DI, N, W, RK, O, NL;
+  int lp;   /* lanes per scan channel (power of two >= N, <= 32) */
+  int tt;   /* scan steps staged per chunk (fits IF_SMEM_FLOATS) */
+  float eps;
+  const float *in_w, *in_b, *norm_f_w, *head_w, *head_b;
+  const float *x;
+  const uint8_t *reset;
+  float *out;
+  /* scratch (R rows each) */
+  float *s, *xi, *z, *xc, *dbc, *y;
+  unsigned *bar;
+  if_layer layer[MX_INFER_MAX_LAYERS];
+} if_params;
+
+/* ---------------------------------------------------------------- barrier */
+
+static __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+/* All blocks of the grid meet here; `gen` is the block's copy of the
+ * generation (thread 0's). */
+static __device__ __forceinline__ void grid_barrier(unsigned *bar, unsigned *gen) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned g = *gen;
+    __threadfence();
+    const unsigned arrived = atomicAdd(&bar[0], 1u);
+    if (arrived == gridDim.x - 1) {
+      atomicExch(&bar[0], 0u);
+      __threadfence();
+      atomicAdd(&bar[1], 1u);
+    } else {
+      while (ld_acquire(&bar[1]) == g) {
+      }
+    }
+    *gen = g + 1;
+  }
+  __syncthreads();
+}
+
+/* ----------------------------------------------------------------- helpers */
+
+static __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+
+static __device__ __forceinline__ float softplus_f(float x) {
+  return x > 20.0f ? x : log1pf(expf(x));
+}
+
+/* Whether row b of the reset mask has a reset at some step in (lo, hi]. */
+static __device__ __forceinline__ int reset_in(const if_params &p, int b, int lo, int hi) {
+  if (!p.reset) return 0;
+  if (lo < -1) lo = -1;
+  for (int t = hi; t > lo; t--)
+    if (p.reset[(size_t)b * p.L + t]) return 1;
+  return 0;
+}
+
+/* RMSNorm scale of row r of s (DM): warp-wide; every lane gets it. */
+static __device__ __forceinline__ float row_rstd(const if_params &p, const float *s, int r) {
+  const int lane = threadIdx.x & 31;
+  float acc = 0.0f;
+  for (int k = lane; k < p.DM; k += 32) {
+    const float v = __ldcg(s + (size_t)r * p.DM + k);
+    acc += v * v;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  return rsqrtf(acc / (float)p.DM + p.eps);
+}
+
+/* The A tile of a product: rows r0 .. r0+nr-1 of length K into a_s
+ * (IF_TR x K). kind: 0 = x, 1 = rmsnorm(s) * w, 2 = silu(conv(xi) + b) (and
+ * writes xc when `store`), 3 = y. */
+enum { A_X = 0, A_NORM = 1, A_CONV = 2, A_Y = 3 };
+
+static __device__ void load_a(const if_params &p, int kind, const float *norm_w,
+                              const if_layer *ly, int r0, int nr, int K, float *a_s, int store) {
+  const int tid = threadIdx.x;
+  if (kind == A_NORM) {
+    const int warp = tid >> 5, lane = tid & 31;
+    if (warp < nr) { /* IF_TR == warps per block */
+      const int r = r0 + warp;
+      const float rs = row_rstd(p, p.s, r);
+      for (int k = lane; k < K; k += 32)
+        a_s[warp * K + k] = __ldcg(p.s + (size_t)r * K + k) * rs * norm_w[k];
+    }
+  } else if (kind == A_X || kind == A_Y) {
+    const float *src = kind == A_X ? p.x : p.y;
+    for (int i = tid; i < nr * K; i += IF_THREADS) {
+      const int row = i / K, k = i - row * K;
+      a_s[i] = __ldcg(src + (size_t)(r0 + row) * K + k);
+    }
+  } else {
+    /* causal depthwise conv of xi over each row's own steps, then SiLU */
+    const int W = p.W;
+    for (int i = tid; i < nr * K; i += IF_THREADS) {
+      const int row = i / K, k = i - row * K;
+      const int r = r0 + row, b = r / p.L, t = r - b * p.L;
+      /* the first step whose input the conv may see at t */
+      int lo = t - (W - 1);
+      if (p.reset) {
+        for (int u = t; u >= 0 && u >= t - (W - 1); u--)
+          if (p.reset[(size_t)b * p.L + u]) {
+            lo = u;
+            break;
+          }
+        if (lo < 0 && reset_in(p, b, -1, t - W)) lo = 0;
+      }
+      float acc = ly->conv_b[k];
+      for (int j = 0; j < W; j++) {
+        const int tt = t - (W - 1) + j;
+        if (tt < lo) continue;
+        float v;
+        if (tt >= 0) v = __ldcg(p.xi + ((size_t)b * p.L + tt) * K + k);
+        else if (ly->conv_in) v = __ldcg(ly->conv_in + ((size_t)b * K + k) * (W - 1) + (W - 1) + tt);
+        else v = 0.0f;
+        acc += ly->conv_w[(size_t)k * W + j] * v;
+      }
+      const float v = silu_f(acc);
+      a_s[i] = v;
+      if (store) p.xc[(size_t)r * K + k] = v;
+    }
+  }
+}
+
+/* One product tile: v(i, c) = sum_k a_s[i][k] * W[k][c] for the IF_TC
+ * columns c0.. of W (K, ldw) (for P_proj, columns past `split` come from
+ * w2 (K, ldw) at c - split). Thread (kg, cl) sums k = kg, kg + 32, ...;
+ * the 32 partials are added in order by the IF_TR * IF_TC first threads,
+ * which return their (i, c) through *oi, *oc and the value; others get -1. */
+static __device__ float tile_product(const float *a_s, int nr, int K, const float *w1,
+                                     const float *w2, int split, int ldw, int ncols, int c0,
+                                     float *red_s, int *oi, int *oc) {
+  const int tid = threadIdx.x;
+  const int cl = tid & (IF_TC - 1), kg = tid / IF_TC;
+  const int c = c0 + cl;
+  float acc[IF_TR];
+#pragma unroll
+  for (int i = 0; i < IF_TR; i++) acc[i] = 0.0f;
+  if (c < ncols) {
+    const float *wc = c < split ? w1 + c : w2 + (c - split);
+    if (nr == 1) {
+      for (int k = kg; k < K; k += IF_KG) acc[0] += a_s[k] * __ldg(wc + (size_t)k * ldw);
+    } else {
+      for (int k = kg; k < K; k += IF_KG) {
+        const float wv = __ldg(wc + (size_t)k * ldw);
+#pragma unroll
+        for (int i = 0; i < IF_TR; i++)
+          if (i < nr) acc[i] += a_s[i * K + k] * wv;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < IF_TR; i++) red_s[(kg * IF_TR + i) * IF_TC + cl] = acc[i];
+  __syncthreads();
+  float v = 0.0f;
+  *oi = -1;
+  if (tid < IF_TR * IF_TC) {
+    const int i = tid / IF_TC, cc = tid & (IF_TC - 1);
+    if (i < nr && c0 + cc < ncols) {
+      for (int g = 0; g < IF_KG; g++) v += red_s[(g * IF_TR + i) * IF_TC + cc];
+      *oi = i;
+      *oc = c0 + cc;
+    }
+  }
+  __syncthreads();
+  return v;
+}
+
+enum { P_IN = 0, P_PROJ = 1, P_XPROJ = 2, P_OUT = 3, P_HEAD = 4 };
+
+/* A product phase over all (row tile, column tile) items. */
+static __device__ void product_phase(const if_params &p, int phase, const if_layer *ly,
+                                     float *smem) {
+  const int R = p.B * p.L;
+  int K, ncols, split, ldw, kind;
+  const float *w1, *w2, *norm_w = NULL;
+  switch (phase) {
+    case P_IN: K = p.F; ncols = p.DM; w1 = w2 = p.in_w; split = ncols; ldw = p.DM; kind = A_X; break;
+    case P_PROJ:
+      K = p.DM; ncols = 2 * p.DI; w1 = ly->in_x_w; w2 = ly->in_z_w; split = p.DI; ldw = p.DI;
+      kind = A_NORM; norm_w = ly->norm_w; break;
+    case P_XPROJ:
+      K = p.DI; ncols = p.RK + 2 * p.N; w1 = w2 = ly->x_proj_w; split = ncols; ldw = ncols;
+      kind = A_CONV; break;
+    case P_OUT: K = p.DI; ncols = p.DM; w1 = w2 = ly->out_w; split = ncols; ldw = p.DM; kind = A_Y; break;
+    default:
+      K = p.DM; ncols = p.O; w1 = w2 = p.head_w; split = ncols; ldw = p.O; kind = A_NORM;
+      norm_w = p.norm_f_w; break;
+  }
+  float *a_s = smem;                    /* IF_TR * K */
+  float *red_s = smem + IF_TR * MX_INFER_MAX_K; /* IF_KG * IF_TR * IF_TC */
+  const int nrt = (R + IF_TR - 1) / IF_TR, nct = (ncols + IF_TC - 1) / IF_TC;
+  const int items = nrt * nct;
+  int cur_rt = -1;
+  for (int it = blockIdx.x; it < items; it += gridDim.x) {
+    const int rt = it / nct, ct = it - rt * nct;
+    const int r0 = rt * IF_TR, nr = min(IF_TR, R - r0);
+    if (rt != cur_rt) {
+      __syncthreads();
+      load_a(p, kind, norm_w, ly, r0, nr, K, a_s, phase == P_XPROJ && ct == 0);
+      __syncthreads();
+      cur_rt = rt;
+    }
+    int i, c;
+    const float v = tile_product(a_s, nr, K, w1, w2, split, ldw, ncols, ct * IF_TC, red_s, &i, &c);
+    if (i >= 0) {
+      const size_t r = (size_t)(r0 + i);
+      switch (phase) {
+        case P_IN: p.s[r * p.DM + c] = v + p.in_b[c]; break;
+        case P_PROJ:
+          if (c < p.DI) p.xi[r * p.DI + c] = v;
+          else p.z[r * p.DI + (c - p.DI)] = v;
+          break;
+        case P_XPROJ: p.dbc[r * ncols + c] = v; break;
+        case P_OUT: p.s[r * p.DM + c] = __ldcg(p.s + r * p.DM + c) + v; break;
+        default: p.out[r * p.O + c] = v + p.head_b[c]; break;
+      }
+    }
+  }
+  /* P_XPROJ: rows no item with ct == 0 staged cannot exist (every row tile
+   * has a column tile 0), so xc is complete after the barrier. */
+}
+
+/* The scan phase: item = (batch row b, group of IF_THREADS / lp channels).
+ * Thread (ch, n) owns state n of channel d; sums over n by shuffles within
+ * lp lanes. Steps are staged IF_TT at a time. */
+static __device__ void scan_phase(const if_params &p, const if_layer *ly, float *smem) {
+  const int lp = p.lp, ch_per = IF_THREADS / lp;
+  const int ngroups = (p.DI + ch_per - 1) / ch_per;
+  const int items = p.B * ngroups;
+  const int tid = threadIdx.x, chl = tid / lp, n = tid & (lp - 1);
+  const int ncol = p.RK + 2 * p.N;
+  float *delta_s = smem;                 /* tt * ch_per */
+  float *u_s = delta_s + p.tt * ch_per;  /* tt * ch_per */
+  float *z_s = u_s + p.tt * ch_per;      /* tt * ch_per */
+  float *bc_s = z_s + p.tt * ch_per;     /* tt * ncol */
+  for (int it = blockIdx.x; it < items; it += gridDim.x) {
+    const int b = it / ngroups, g = it - b * ngroups;
+    const int d0 = g * ch_per, d = d0 + chl;
+    const int live = d < p.DI && n < p.N;
+    const float a = live ? -expf(ly->a_log[(size_t)d * p.N + n]) : 0.0f;
+    const float dd = d < p.DI ? ly->d[d] : 0.0f;
+    float h = 0.0f;
+    if (live && ly->ssm_in) h = __ldcg(ly->ssm_in + ((size_t)b * p.DI + d) * p.N + n);
+    for (int t0 = 0; t0 < p.L; t0 += p.tt) {
+      const int tn = min(p.tt, p.L - t0);
+      __syncthreads();
+      for (int i = tid; i < tn * ncol; i += IF_THREADS) {
+        const int t = i / ncol, k = i - t * ncol;
+        bc_s[i] = __ldcg(p.dbc + ((size_t)b * p.L + t0 + t) * ncol + k);
+      }
+      __syncthreads();
+      for (int i = tid; i < tn * ch_per; i += IF_THREADS) {
+        const int t = i / ch_per, c = i - t * ch_per, dc = d0 + c;
+        if (dc >= p.DI) continue;
+        const size_t r = (size_t)b * p.L + t0 + t;
+        float acc = ly->dt_b[dc];
+        for (int k = 0; k < p.RK; k++) acc += bc_s[t * ncol + k] * ly->dt_w[(size_t)k * p.DI + dc];
+        delta_s[i] = softplus_f(acc);
+        u_s[i] = __ldcg(p.xc + r * p.DI + dc);
+        z_s[i] = __ldcg(p.z + r * p.DI + dc);
+      }
+      __syncthreads();
+      {
+        /* every lane runs the steps (the shuffles need the whole warp);
+         * lanes past the channels or states compute zeros */
+#pragma unroll 4
+        for (int t = 0; t < tn; t++) {
+          const float dt = delta_s[t * ch_per + chl], u = u_s[t * ch_per + chl];
+          float bn = 0.0f, cn = 0.0f;
+          if (n < p.N) {
+            bn = bc_s[t * ncol + p.RK + n];
+            cn = bc_s[t * ncol + p.RK + p.N + n];
+          }
+          if (p.reset && p.reset[(size_t)b * p.L + t0 + t]) h = 0.0f;
+          h = live ? h * expf(dt * a) + dt * bn * u : 0.0f;
+          float part = live ? cn * h : 0.0f;
+          for (int o = lp >> 1; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, lp);
+          if (n == 0 && d < p.DI) {
+            const float zz = z_s[t * ch_per + chl];
+            p.y[((size_t)b * p.L + t0 + t) * p.DI + d] = (part + dd * u) * silu_f(zz);
+          }
+        }
+      }
+    }
+    if (live) ly->ssm_out[((size_t)b * p.DI + d) * p.N + n] = h;
+    /* The conv state after the last step: the raw inputs of the last W-1
+     * steps (zero before the row's last reset; from the entering state
+     * where the window is shorter). Lane n handles positions n, n + lp, ...
+     * of its channel; conv_in may be conv_out, so every read of the block
+     * comes before the barrier and every write after it (no other block
+     * reads this row's state any more in this kernel). */
+    float keep[IF_MAX_W];
+    const int W = p.W;
+#pragma unroll
+    for (int q = 0; q < IF_MAX_W; q++) {
+      const int j = n + q * lp;
+      keep[q] = 0.0f;
+      if (d < p.DI && j < W - 1) {
+        const int tt = p.L - (W - 1) + j;
+        if (!reset_in(p, b, tt, p.L - 1)) {
+          if (tt >= 0) keep[q] = __ldcg(p.xi + ((size_t)b * p.L + tt) * p.DI + d);
+          else if (ly->conv_in)
+            keep[q] = __ldcg(ly->conv_in + ((size_t)b * p.DI + d) * (W - 1) + (W - 1) + tt);
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < IF_MAX_W; q++) {
+      const int j = n + q * lp;
+      if (d < p.DI && j < W - 1) ly->conv_out[((size_t)b * p.DI + d) * (W - 1) + j] = keep[q];
+    }
+  }
+}
+
+static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p) {
+  extern __shared__ float smem[];
+  __shared__ unsigned gen;
+  if (threadIdx.x == 0) gen = ld_acquire(&p.bar[1]);
+  __syncthreads();
+  product_phase(p, P_IN, NULL, smem);
+  for (int l = 0; l < p.NL; l++) {
+    const if_layer *ly = &p.layer[l];
+    grid_barrier(p.bar, &gen);
+    product_phase(p, P_PROJ, ly, smem);
+    grid_barrier(p.bar, &gen);
+    product_phase(p, P_XPROJ, ly, smem);
+    grid_barrier(p.bar, &gen);
+    scan_phase(p, ly, smem);
+    grid_barrier(p.bar, &gen);
+    product_phase(p, P_OUT, ly, smem);
+  }
+  grid_barrier(p.bar, &gen);
+  product_phase(p, P_HEAD, NULL, smem);
+}
+
+/* ------------------------------------------------------------------- host */
+
+static unsigned *g_bar[MX_MAX_CUDA_DEVICES];
+static int g_smem_set[MX_MAX_CUDA_DEVICES];
+static int g_max_blocks[MX_MAX_CUDA_DEVICES];
+
+static int check_args(const mx_infer_args *a, mx_err *err) {
+  if (a->n_layers < 1 || a->n_layers > MX_INFER_MAX_LAYERS)
+    return mx_cuda_fail(err, MX_E_ARG, "infer: n_layers must be 1..%d, got %d", MX_INFER_MAX_LAYERS,
+                        a->n_layers);
+  if (a->batch < 1 || a->len < 1 || a->batch * a->len > (1 << 24))
+    return mx_cuda_fail(err, MX_E_ARG, "infer: batch * len must be 1..2^24");
+  const int64_t k[4] = {a->features, a->d_model, a->d_inner, a->dt_rank + 2 * a->d_state};
+  for (int i = 0; i < 4; i++)
+    if (k[i] < 1 || k[i] > MX_INFER_MAX_K)
+      return mx_cuda_fail(err, MX_E_ARG, "infer: a size exceeds %d", MX_INFER_MAX_K);
+  if (a->d_state < 1 || a->d_state > IF_MAX_N || a->d_conv < 1 || a->d_conv > IF_MAX_W ||
+      a->dt_rank < 1 || a->outputs < 1 || a->outputs > (1 << 20))
+    return mx_cuda_fail(err, MX_E_ARG, "infer: d_state 1..%d, d_conv 1..%d, dt_rank >= 1 required",
+                        IF_MAX_N, IF_MAX_W);
+  if (a->d_conv - 1 > 32)
+    return mx_cuda_fail(err, MX_E_ARG, "infer: d_conv too large");
+  return MX_OK;
+}
+
+static size_t scratch_floats(const mx_infer_args *a) {
+  const size_t R = (size_t)(a->batch * a->len);
+  return R * ((size_t)a->d_model + 4 * (size_t)a->d_inner + (size_t)(a->dt_rank + 2 * a->d_state));
+}
+
+/* Kernel parameters from the arguments; scratch carved from `scratch`. */
+static void fill_params(if_params *p, const mx_infer_args *a, float *scratch, unsigned *bar) {
+  memset(p, 0, sizeof *p);
+  p->B = (int)a->batch;
+  p->L = (int)a->len;
+  p->F = (int)a->features;
+  p->DM = (int)a->d_model;
+  p->DI = (int)a->d_inner;
+  p->N = (int)a->d_state;
+  p->W = (int)a->d_conv;
+  p->RK = (int)a->dt_rank;
+  p->O = (int)a->outputs;
+  p->NL = a->n_layers;
+  int lp = 1;
+  while (lp < p->N) lp <<= 1;
+  p->lp = lp;
+  const int per_step = 3 * (IF_THREADS / lp) + p->RK + 2 * p->N;
+  p->tt = IF_SMEM_FLOATS / per_step < IF_TT ? IF_SMEM_FLOATS / per_step : IF_TT;
+  p->eps = (float)a->eps;
+  p->in_w = (const float *)a->in_w;
+  p->in_b = (const float *)a->in_b;
+  p->norm_f_w = (const float *)a->norm_f_w;
+  p->head_w = (const float *)a->head_w;
+  p->head_b = (const float *)a->head_b;
+  p->x = (const float *)a->x;
+  p->reset = a->reset;
+  p->out = (float *)a->out;
+  const size_t R = (size_t)(a->batch * a->len);
+  float *s = scratch;
+  p->s = s;
+  s += R * a->d_model;
+  p->xi = s;
+  s += R * a->d_inner;
+  p->z = s;
+  s += R * a->d_inner;
+  p->xc = s;
+  s += R * a->d_inner;
+  p->y = s;
+  s += R * a->d_inner;
+  p->dbc = s;
+  p->bar = bar;
+  for (int l = 0; l < a->n_layers; l++) {
+    const mx_infer_layer *q = &a->layers[l];
+    if_layer *o = &p->layer[l];
+    o->norm_w = (const float *)q->norm_w;
+    o->in_x_w = (const float *)q->in_x_w;
+    o->in_z_w = (const float *)q->in_z_w;
+    o->conv_w = (const float *)q->conv_w;
+    o->conv_b = (const float *)q->conv_b;
+    o->x_proj_w = (const float *)q->x_proj_w;
+    o->dt_w = (const float *)q->dt_w;
+    o->dt_b = (const float *)q->dt_b;
+    o->a_log = (const float *)q->a_log;
+    o->d = (const float *)q->d;
+    o->out_w = (const float *)q->out_w;
+    o->conv_in = (const float *)q->conv_in;
+    o->ssm_in = (const float *)q->ssm_in;
+    o->conv_out = (float *)q->conv_out;
+    o->ssm_out = (float *)q->ssm_out;
+  }
+}
+
+/* Per-device set-up under d->mu: the barrier words, the shared-memory
+ * attribute, the co-resident block limit. */
+static int infer_setup(mx_cuda_dev *d, mx_err *err) {
+  const int i = d->index;
+  if (!g_bar[i]) {
+    unsigned *bar = NULL;
+    int rc = MX_CUDA_CALL(d, err, cudaMalloc((void **)&bar, 2 * sizeof(unsigned)));
+    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemset(bar, 0, 2 * sizeof(unsigned)));
+    if (rc != MX_OK) {
+      if (bar) cudaFree(bar);
+      return rc;
+    }
+    g_bar[i] = bar;
+  }
+  if (!g_smem_set[i]) {
+    const int bytes = (int)(IF_SMEM_FLOATS * sizeof(float));
+    MX_CUDA_TRY(d, err, cudaFuncSetAttribute(infer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    int per_sm = 0;
+    MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_kernel, IF_THREADS, bytes));
+    if (per_sm < 1) return mx_cuda_fail(err, MX_E_RUNTIME, "infer: the kernel does not fit on an SM");
+    g_max_blocks[i] = per_sm * d->sm_count;
+    g_smem_set[i] = bytes;
+  }
+  return MX_OK;
+}
+
+static unsigned pick_blocks(const mx_cuda_dev *d, const mx_infer_args *a) {
+  int want = a->blocks > 0 ? a->blocks : 64;
+  if (want > g_max_blocks[d->index]) want = g_max_blocks[d->index];
+  if (want < 1) want = 1;
+  return (unsigned)want;
+}
+
+static int launch(mx_cuda_dev *d, const if_params *p, unsigned blocks, cudaStream_t stream, mx_err *err) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(IF_THREADS);
+  cfg.dynamicSmemBytes = (size_t)g_smem_set[d->index];
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel, *p));
+}
+
+extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {
+  int rc = check_args(a, err);
+  if (rc != MX_OK) return rc;
+  if (!a->x || !a->out) return mx_cuda_fail(err, MX_E_ARG, "infer: x and out are required");
+  mx_cuda_dev *d = NULL;
+  rc = mx_cuda_begin(dev, err, &d);
+  if (rc != MX_OK) return rc;
+  rc = infer_setup(d, err);
+  float *scratch = NULL;
+  if (rc == MX_OK)
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&scratch, scratch_floats(a) * sizeof(float), d->stream));
+  if (rc == MX_OK) {
+    if_params p;
+    fill_params(&p, a, scratch, g_bar[d->index]);
+    rc = launch(d, &p, pick_blocks(d, a), d->stream, err);
+  }
+  if (scratch) {
+    mx_err ignored;
+    const int frc = MX_CUDA_CALL(d, rc == MX_OK ? err : &ignored, cudaFreeAsync(scratch, d->stream));
+    if (rc == MX_OK) rc = frc;
+  }
+  mx_cuda_unlock(d);
+  return rc;
+}
+
+/* ------------------------------------------------------------------ plans */
+
+typedef struct {
+  int dev;
+  size_t in_bytes, out_bytes;
+  void *host_in, *host_out; /* pinned */
+  void *dev_in;             /* frames then reset bytes */
+  float *dev_out;
+  float *scratch;
+  cudaGraphExec_t exec;     /* NULL: replay by direct launches */
+  cudaEvent_t done;
+  if_params p;
+  unsigned blocks;
+} if_plan;
+
+static void plan_release(mx_cuda_dev *d, if_plan *pl) {
+  if (pl->done) {
+    cudaEventSynchronize(pl->done);
+    cudaEventDestroy(pl->done);
+  }
+  if (pl->exec) cudaGraphExecDestroy(pl->exec);
+  if (d) {
+    if (pl->dev_in) cudaFreeAsync(pl->dev_in, d->stream);
+    if (pl->dev_out) cudaFreeAsync(pl->dev_out, d->stream);
+    if (pl->scratch) cudaFreeAsync(pl->scratch, d->stream);
+  }
+  if (pl->host_in) cudaFreeHost(pl->host_in);
+  if (pl->host_out) cudaFreeHost(pl->host_out);
+  cudaGetLastError();
+  free(pl);
+}
+
+/* The frame upload, the kernel and the logits download on `stream`. */
+static int plan_enqueue(mx_cuda_dev *d, if_plan *pl, cudaStream_t stream, mx_err *err) {
+  MX_CUDA_TRY(d, err, cudaMemcpyAsync(pl->dev_in, pl->host_in, pl->in_bytes, cudaMemcpyHostToDevice, stream));
+  int rc = launch(d, &pl->p, pl->blocks, stream, err);
+  if (rc != MX_OK) return rc;
+  MX_CUDA_TRY(d, err, cudaMemcpyAsync(pl->host_out, pl->dev_out, pl->out_bytes, cudaMemcpyDeviceToHost, stream));
+  return MX_OK;
+}
+
+/* Records plan_enqueue into a graph on a private stream; 0 with pl->exec
+ * set, or non-zero (the caller replays by direct launches). */
+static int plan_capture(mx_cuda_dev *d, if_plan *pl) {
+  cudaStream_t cs = NULL;
+  cudaGraph_t graph = NULL;
+  mx_err e;
+  if (cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  int ok = 0;
+  if (cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+    const int rc = plan_enqueue(d, pl, cs, &e);
+    const cudaError_t ec = cudaStreamEndCapture(cs, &graph);
+    if (rc == MX_OK && ec == cudaSuccess && graph &&
+        cudaGraphInstantiate(&pl->exec, graph, 0) == cudaSuccess)
+      ok = 1;
+  }
+  if (graph) cudaGraphDestroy(graph);
+  cudaStreamDestroy(cs);
+  if (!ok) pl->exec = NULL;
+  cudaGetLastError();
+  return ok ? 0 : 1;
+}
+
+extern "C" int mx_cuda_infer_plan_new(int dev, const mx_infer_args *a, void **plan, void **host_in,
+                                      void **host_out, size_t *device_bytes, mx_err *err) {
+  *plan = NULL;
+  *device_bytes = 0;
+  int rc = check_args(a, err);
+  if (rc != MX_OK) return rc;
+  if (a->len != 1) return mx_cuda_fail(err, MX_E_ARG, "infer_plan_new: len must be 1");
+  for (int l = 0; l < a->n_layers; l++)
+    if (!a->layers[l].conv_in || !a->layers[l].ssm_in || a->layers[l].conv_out != a->layers[l].conv_in ||
+        a->layers[l].ssm_out != a->layers[l].ssm_in)
+      return mx_cuda_fail(err, MX_E_ARG, "infer_plan_new: layer %d needs in-place states", l);
+  if_plan *pl = (if_plan *)calloc(1, sizeof *pl);
+  if (!pl) return mx_cuda_fail(err, MX_E_OOM, "infer_plan_new: out of host memory");
+  pl->dev = dev;
+  const size_t B = (size_t)a->batch;
+  pl->in_bytes = B * (size_t)a->features * sizeof(float) + B;
+  pl->out_bytes = B * (size_t)a->outputs * sizeof(float);
+  mx_cuda_dev *d = NULL;
+  rc = mx_cuda_begin(dev, err, &d);
+  if (rc != MX_OK) {
+    free(pl);
+    return rc;
+  }
+  rc = infer_setup(d, err);
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMallocHost(&pl->host_in, pl->in_bytes));
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMallocHost(&pl->host_out, pl->out_bytes));
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMallocAsync(&pl->dev_in, pl->in_bytes, d->stream));
+  if (rc == MX_OK)
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&pl->dev_out, pl->out_bytes, d->stream));
+  if (rc == MX_OK)
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&pl->scratch, scratch_floats(a) * sizeof(float), d->stream));
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaEventCreateWithFlags(&pl->done, cudaEventDisableTiming));
+  /* the device buffers must exist before a capture on another stream uses them */
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaStreamSynchronize(d->stream));
+  if (rc == MX_OK) {
+    memset(pl->host_in, 0, pl->in_bytes);
+    mx_infer_args b = *a;
+    b.x = pl->dev_in;
+    b.reset = (const uint8_t *)pl->dev_in + B * (size_t)a->features * sizeof(float);
+    b.out = pl->dev_out;
+    fill_params(&pl->p, &b, pl->scratch, g_bar[d->index]);
+    pl->blocks = pick_blocks(d, a);
+    (void)plan_capture(d, pl);
+  }
+  if (rc != MX_OK) {
+    plan_release(d, pl);
+    mx_cuda_unlock(d);
+    return rc;
+  }
+  mx_cuda_unlock(d);
+  *plan = pl;
+  *host_in = pl->host_in;
+  *host_out = pl->host_out;
+  *device_bytes = pl->in_bytes + pl->out_bytes + scratch_floats(a) * sizeof(float);
+  return MX_OK;
+}
+
+extern "C" int mx_cuda_infer_plan_run(int dev, void *plan, mx_err *err) {
+  if_plan *pl = (if_plan *)plan;
+  if (!pl || pl->dev != dev) return mx_cuda_fail(err, MX_E_ARG, "infer_plan_run: not a plan of this device");
+  mx_cuda_dev *d = NULL;
+  int rc = mx_cuda_begin(dev, err, &d);
+  if (rc != MX_OK) return rc;
+  if (pl->exec) rc = MX_CUDA_CALL(d, err, cudaGraphLaunch(pl->exec, d->stream));
+  else rc = plan_enqueue(d, pl, d->stream, err);
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaEventRecord(pl->done, d->stream));
+  mx_cuda_unlock(d);
+  if (rc != MX_OK) return rc;
+  return MX_CUDA_CALL(d, err, cudaEventSynchronize(pl->done));
+}
+
+extern "C" void mx_cuda_infer_plan_free(int dev, void *plan) {
+  if_plan *pl = (if_plan *)plan;
+  if (!pl) return;
+  mx_err ignored;
+  mx_cuda_dev *d = NULL;
+  if (mx_cuda_open(dev, &ignored, &d) != MX_OK) d = NULL;
+  plan_release(d, pl);
+}
+
+/* Whether plans replay a CUDA graph (tests and benchmarks report it). */
+extern "C" int mx_cuda_infer_plan_graphed(const void *plan) {
+  return plan && ((const if_plan *)plan)->exec != NULL;
+}
