@@ -19,7 +19,7 @@
  *   P_head  out = rmsnorm(s) . head_w + head_b                      (R, O)
  *
  * with R = batch * len rows (row r = b * len + t). Every phase is a loop over
- * work items (a tile of up to IF_TR rows by IF_TC columns of a product, or
+ * work items (a tile of up to IF_TR rows by 8 or 32 columns of a product, or
  * one (batch row, channel group) of the scan) spread over the blocks. A
  * product tile stages its A rows in shared memory and splits K over 32
  * thread groups whose partial sums are added in a fixed order: results do
@@ -51,12 +51,10 @@
 
 #define IF_THREADS 256
 #define IF_TR 8        /* rows per product tile */
-#define IF_TC 8        /* columns per product tile */
-#define IF_KG 32       /* K groups per product tile (IF_THREADS / IF_TC) */
 #define IF_TT 64       /* scan steps staged per chunk, at most */
 /* dynamic shared memory: an A tile of IF_TR rows of MX_INFER_MAX_K and the
  * K-group partials; the scan's staging is fitted into the same size */
-#define IF_SMEM_FLOATS (IF_TR * MX_INFER_MAX_K + IF_KG * IF_TR * IF_TC)
+#define IF_SMEM_FLOATS (IF_TR * MX_INFER_MAX_K + IF_THREADS * IF_TR)
 #define IF_MAX_N 32    /* d_state limit of the fused path */
 #define IF_MAX_W 8     /* d_conv limit */
 
@@ -132,6 +130,7 @@ static __device__ __forceinline__ int reset_in(const if_params &p, int b, int lo
 static __device__ __forceinline__ float row_rstd(const if_params &p, const float *s, int r) {
   const int lane = threadIdx.x & 31;
   float acc = 0.0f;
+#pragma unroll 8
   for (int k = lane; k < p.DM; k += 32) {
     const float v = __ldcg(s + (size_t)r * p.DM + k);
     acc += v * v;
@@ -153,6 +152,7 @@ static __device__ void load_a(const if_params &p, int kind, const float *norm_w,
     if (warp < nr) { /* IF_TR == warps per block */
       const int r = r0 + warp;
       const float rs = row_rstd(p, p.s, r);
+#pragma unroll 8
       for (int k = lane; k < K; k += 32)
         a_s[warp * K + k] = __ldcg(p.s + (size_t)r * K + k) * rs * norm_w[k];
     }
@@ -179,9 +179,10 @@ static __device__ void load_a(const if_params &p, int kind, const float *norm_w,
         if (lo < 0 && reset_in(p, b, -1, t - W)) lo = 0;
       }
       float acc = ly->conv_b[k];
-      for (int j = 0; j < W; j++) {
+#pragma unroll
+      for (int j = 0; j < IF_MAX_W; j++) {
         const int tt = t - (W - 1) + j;
-        if (tt < lo) continue;
+        if (j >= W || tt < lo) continue;
         float v;
         if (tt >= 0) v = __ldcg(p.xi + ((size_t)b * p.L + tt) * K + k);
         else if (ly->conv_in) v = __ldcg(ly->conv_in + ((size_t)b * K + k) * (W - 1) + (W - 1) + tt);
@@ -195,16 +196,21 @@ static __device__ void load_a(const if_params &p, int kind, const float *norm_w,
   }
 }
 
-/* One product tile: v(i, c) = sum_k a_s[i][k] * W[k][c] for the IF_TC
+/* One product tile: v(i, c) = sum_k a_s[i][k] * W[k][c] for the TC
  * columns c0.. of W (K, ldw) (for P_proj, columns past `split` come from
- * w2 (K, ldw) at c - split). Thread (kg, cl) sums k = kg, kg + 32, ...;
- * the 32 partials are added in order by the IF_TR * IF_TC first threads,
- * which return their (i, c) through *oi, *oc and the value; others get -1. */
+ * w2 (K, ldw) at c - split). Thread (kg, cl) sums k = kg, kg + KG, ... (KG =
+ * IF_THREADS / TC; the loop is unrolled so that the weight loads are in
+ * flight together); the KG partials are added in order by the IF_TR * TC
+ * first threads, which return their (i, c) through *oi, *oc and the value;
+ * others get -1. TC = 8 for a few rows (more column tiles to spread), 32
+ * for many (a warp reads 128 contiguous bytes of a weight row). */
+template <int TC>
 static __device__ float tile_product(const float *a_s, int nr, int K, const float *w1,
                                      const float *w2, int split, int ldw, int ncols, int c0,
                                      float *red_s, int *oi, int *oc) {
+  constexpr int KG = IF_THREADS / TC;
   const int tid = threadIdx.x;
-  const int cl = tid & (IF_TC - 1), kg = tid / IF_TC;
+  const int cl = tid % TC, kg = tid / TC;
   const int c = c0 + cl;
   float acc[IF_TR];
 #pragma unroll
@@ -212,9 +218,11 @@ static __device__ float tile_product(const float *a_s, int nr, int K, const floa
   if (c < ncols) {
     const float *wc = c < split ? w1 + c : w2 + (c - split);
     if (nr == 1) {
-      for (int k = kg; k < K; k += IF_KG) acc[0] += a_s[k] * __ldg(wc + (size_t)k * ldw);
+#pragma unroll 8
+      for (int k = kg; k < K; k += KG) acc[0] += a_s[k] * __ldg(wc + (size_t)k * ldw);
     } else {
-      for (int k = kg; k < K; k += IF_KG) {
+#pragma unroll 8
+      for (int k = kg; k < K; k += KG) {
         const float wv = __ldg(wc + (size_t)k * ldw);
 #pragma unroll
         for (int i = 0; i < IF_TR; i++)
@@ -223,14 +231,14 @@ static __device__ float tile_product(const float *a_s, int nr, int K, const floa
     }
   }
 #pragma unroll
-  for (int i = 0; i < IF_TR; i++) red_s[(kg * IF_TR + i) * IF_TC + cl] = acc[i];
+  for (int i = 0; i < IF_TR; i++) red_s[(kg * IF_TR + i) * TC + cl] = acc[i];
   __syncthreads();
   float v = 0.0f;
   *oi = -1;
-  if (tid < IF_TR * IF_TC) {
-    const int i = tid / IF_TC, cc = tid & (IF_TC - 1);
+  if (tid < IF_TR * TC) {
+    const int i = tid / TC, cc = tid % TC;
     if (i < nr && c0 + cc < ncols) {
-      for (int g = 0; g < IF_KG; g++) v += red_s[(g * IF_TR + i) * IF_TC + cc];
+      for (int g = 0; g < KG; g++) v += red_s[(g * IF_TR + i) * TC + cc];
       *oi = i;
       *oc = c0 + cc;
     }
@@ -261,8 +269,10 @@ static __device__ void product_phase(const if_params &p, int phase, const if_lay
       norm_w = p.norm_f_w; break;
   }
   float *a_s = smem;                    /* IF_TR * K */
-  float *red_s = smem + IF_TR * MX_INFER_MAX_K; /* IF_KG * IF_TR * IF_TC */
-  const int nrt = (R + IF_TR - 1) / IF_TR, nct = (ncols + IF_TC - 1) / IF_TC;
+  float *red_s = smem + IF_TR * MX_INFER_MAX_K; /* IF_THREADS * IF_TR */
+  /* a few rows: narrow column tiles, to spread the work over more blocks */
+  const int tc = R <= IF_TR ? 8 : 32;
+  const int nrt = (R + IF_TR - 1) / IF_TR, nct = (ncols + tc - 1) / tc;
   const int items = nrt * nct;
   int cur_rt = -1;
   for (int it = blockIdx.x; it < items; it += gridDim.x) {
@@ -275,7 +285,8 @@ static __device__ void product_phase(const if_params &p, int phase, const if_lay
       cur_rt = rt;
     }
     int i, c;
-    const float v = tile_product(a_s, nr, K, w1, w2, split, ldw, ncols, ct * IF_TC, red_s, &i, &c);
+    const float v = tc == 8 ? tile_product<8>(a_s, nr, K, w1, w2, split, ldw, ncols, ct * tc, red_s, &i, &c)
+                            : tile_product<32>(a_s, nr, K, w1, w2, split, ldw, ncols, ct * tc, red_s, &i, &c);
     if (i >= 0) {
       const size_t r = (size_t)(r0 + i);
       switch (phase) {
@@ -328,6 +339,7 @@ static __device__ void scan_phase(const if_params &p, const if_layer *ly, float 
         if (dc >= p.DI) continue;
         const size_t r = (size_t)b * p.L + t0 + t;
         float acc = ly->dt_b[dc];
+#pragma unroll 8
         for (int k = 0; k < p.RK; k++) acc += bc_s[t * ncol + k] * ly->dt_w[(size_t)k * p.DI + dc];
         delta_s[i] = softplus_f(acc);
         u_s[i] = __ldcg(p.xc + r * p.DI + dc);
@@ -527,7 +539,9 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
 }
 
 static unsigned pick_blocks(const mx_cuda_dev *d, const mx_infer_args *a) {
-  int want = a->blocks > 0 ? a->blocks : 64;
+  /* default: one block per SM for a few rows (the phases are latency
+   * chains), every co-resident block for many */
+  int want = a->blocks > 0 ? a->blocks : (a->batch * a->len <= IF_TR ? d->sm_count : g_max_blocks[d->index]);
   if (want > g_max_blocks[d->index]) want = g_max_blocks[d->index];
   if (want < 1) want = 1;
   return (unsigned)want;

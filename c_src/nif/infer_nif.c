@@ -159,8 +159,8 @@ static ERL_NIF_TERM parse_model(ErlNifEnv *env, const char *op, const ERL_NIF_TE
   for (int i = 0; i < 7; i++) {
     ErlNifSInt64 x;
     if (!enif_get_int64(env, cf[i], &x) || x < 1 || x > MAXV[i])
-      FAIL("%s must be an integer in 1..%lld for the fused path, got: %.100T", CFG[i],
-           (long long)MAXV[i], cf[i]);
+      FAIL("%s must be an integer in 1..%ld for the fused path, got: %.100T", CFG[i],
+           (long)MAXV[i], cf[i]);
     v[i] = x;
   }
   a->features = v[0];
@@ -171,8 +171,8 @@ static ERL_NIF_TERM parse_model(ErlNifEnv *env, const char *op, const ERL_NIF_TE
   a->dt_rank = v[5];
   a->outputs = v[6];
   if (a->dt_rank + 2 * a->d_state > MX_INFER_MAX_K)
-    FAIL("dt_rank + 2 * d_state must be at most %d, got: %lld", MX_INFER_MAX_K,
-         (long long)(a->dt_rank + 2 * a->d_state));
+    FAIL("dt_rank + 2 * d_state must be at most %d, got: %ld", MX_INFER_MAX_K,
+         (long)(a->dt_rank + 2 * a->d_state));
   if (!get_number(env, cf[7], &a->eps) || !(a->eps >= 0.0) || !isfinite(a->eps))
     FAIL("eps must be a finite number >= 0, got: %.100T", cf[7]);
   int blocks;
@@ -365,6 +365,8 @@ static void plan_dtor(ErlNifEnv *env, void *obj) {
   (void)env;
   mx_plan_res *p = obj;
   plan_free_locked(p);
+  if (p->stor) enif_free(p->stor); /* a plan whose creation failed holds none */
+  p->stor = NULL;
   if (p->mu) enif_mutex_destroy(p->mu);
 }
 
@@ -459,12 +461,12 @@ ERL_NIF_TERM nif_infer_plan_step(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   if (!get_plan(env, argv[0], &p)) return raise_arg(env, op, "plan must be a plan reference, got: %.100T", argv[0]);
   ErlNifBinary frames, resets;
   if (!enif_inspect_binary(env, argv[1], &frames) || frames.size != p->frame_bytes)
-    return raise_arg(env, op, "frames must be a binary of %zu bytes (%lld rows of f32 features), got: %.100T",
-                     p->frame_bytes, (long long)p->batch, argv[1]);
+    return raise_arg(env, op, "frames must be a binary of %lu bytes (%ld rows of f32 features), got: %.100T",
+                     (unsigned long)p->frame_bytes, (long)p->batch, argv[1]);
   const int has_reset = !enif_is_identical(argv[2], A_NIL);
   if (has_reset && (!enif_inspect_binary(env, argv[2], &resets) || resets.size != p->reset_bytes))
-    return raise_arg(env, op, "resets must be nil or a binary of %zu bytes, got: %.100T", p->reset_bytes,
-                     argv[2]);
+    return raise_arg(env, op, "resets must be nil or a binary of %lu bytes, got: %.100T",
+                     (unsigned long)p->reset_bytes, argv[2]);
   {
     int f = resched_flags_enqueue(p->slot, 0);
     if (f) return enif_schedule_nif(env, op, f, nif_infer_plan_step, argc, argv);
