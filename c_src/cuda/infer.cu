@@ -27,10 +27,12 @@
  *
  * Invariants:
  *   - All blocks are co-resident (cooperative launch), so the barrier can
- *     spin. The barrier is a per-device pair {count, generation} in device
- *     memory made once (g_bar) and zeroed once; every barrier leaves count
- *     back at 0, so kernels on the device's one stream can reuse it. Only
- *     one fused kernel runs at a time per device: they are all on its stream.
+ *     spin. The barrier is a per-device pair {arrivals, exits} in device
+ *     memory made once (g_bar), zero whenever no fused kernel runs: the
+ *     last block to leave a kernel zeroes both. Only one fused kernel runs
+ *     at a time per device: they are all on its one stream.
+ *   - Weights never change during a kernel, so they are read through L1
+ *     (and prefetched into it before each barrier); activations are not.
  *   - Data written in one phase and read by another block in a later phase
  *     (the scratch rows and the states) are read with __ldcg (L2, not the
  *     incoherent L1); the barrier fences before it arrives.
@@ -88,25 +90,37 @@ static __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
   return v;
 }
 
-/* All blocks of the grid meet here; `gen` is the block's copy of the
- * generation (thread 0's). */
-static __device__ __forceinline__ void grid_barrier(unsigned *bar, unsigned *gen) {
+/* All blocks of the grid meet here. bar[0] counts arrivals and only grows
+ * during a kernel: the block that gets arrival number a waits until the
+ * count reaches the end of a's round, (a / nblocks + 1) * nblocks (every
+ * kernel starts from 0, so rounds are whole). One atomic and one poll per
+ * barrier; the last arriver does not wait at all. */
+static __device__ __forceinline__ void grid_barrier(unsigned *bar) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned g = *gen;
+    const unsigned nb = gridDim.x;
     __threadfence();
-    const unsigned arrived = atomicAdd(&bar[0], 1u);
-    if (arrived == gridDim.x - 1) {
-      atomicExch(&bar[0], 0u);
-      __threadfence();
-      atomicAdd(&bar[1], 1u);
-    } else {
-      while (ld_acquire(&bar[1]) == g) {
+    const unsigned a = atomicAdd(&bar[0], 1u);
+    const unsigned target = (a / nb + 1) * nb;
+    if (a + 1 != target) {
+      while (ld_acquire(&bar[0]) < target) {
       }
     }
-    *gen = g + 1;
   }
   __syncthreads();
+}
+
+/* At the end of the kernel: the last block out (every block has left every
+ * barrier by then) zeroes the counters for the next kernel on the stream. */
+static __device__ __forceinline__ void grid_exit(unsigned *bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned a = atomicAdd(&bar[1], 1u);
+    if (a + 1 == gridDim.x) {
+      atomicExch(&bar[0], 0u);
+      atomicExch(&bar[1], 0u);
+    }
+  }
 }
 
 /* ----------------------------------------------------------------- helpers */
@@ -158,6 +172,7 @@ static __device__ void load_a(const if_params &p, int kind, const float *norm_w,
     }
   } else if (kind == A_X || kind == A_Y) {
     const float *src = kind == A_X ? p.x : p.y;
+#pragma unroll 4
     for (int i = tid; i < nr * K; i += IF_THREADS) {
       const int row = i / K, k = i - row * K;
       a_s[i] = __ldcg(src + (size_t)(r0 + row) * K + k);
@@ -165,6 +180,7 @@ static __device__ void load_a(const if_params &p, int kind, const float *norm_w,
   } else {
     /* causal depthwise conv of xi over each row's own steps, then SiLU */
     const int W = p.W;
+#pragma unroll 2
     for (int i = tid; i < nr * K; i += IF_THREADS) {
       const int row = i / K, k = i - row * K;
       const int r = r0 + row, b = r / p.L, t = r - b * p.L;
@@ -249,25 +265,57 @@ static __device__ float tile_product(const float *a_s, int nr, int K, const floa
 
 enum { P_IN = 0, P_PROJ = 1, P_XPROJ = 2, P_OUT = 3, P_HEAD = 4 };
 
+/* What a product phase multiplies. */
+typedef struct {
+  int K, ncols, split, ldw, kind;
+  const float *w1, *w2, *norm_w;
+} if_prod;
+
+static __device__ __forceinline__ if_prod phase_desc(const if_params &p, int phase, const if_layer *ly) {
+  if_prod d;
+  d.norm_w = NULL;
+  switch (phase) {
+    case P_IN: d.K = p.F; d.ncols = p.DM; d.w1 = d.w2 = p.in_w; d.split = d.ncols; d.ldw = p.DM; d.kind = A_X; break;
+    case P_PROJ:
+      d.K = p.DM; d.ncols = 2 * p.DI; d.w1 = ly->in_x_w; d.w2 = ly->in_z_w; d.split = p.DI; d.ldw = p.DI;
+      d.kind = A_NORM; d.norm_w = ly->norm_w; break;
+    case P_XPROJ:
+      d.K = p.DI; d.ncols = p.RK + 2 * p.N; d.w1 = d.w2 = ly->x_proj_w; d.split = d.ncols; d.ldw = d.ncols;
+      d.kind = A_CONV; break;
+    case P_OUT: d.K = p.DI; d.ncols = p.DM; d.w1 = d.w2 = ly->out_w; d.split = d.ncols; d.ldw = p.DM; d.kind = A_Y; break;
+    default:
+      d.K = p.DM; d.ncols = p.O; d.w1 = d.w2 = p.head_w; d.split = d.ncols; d.ldw = p.O; d.kind = A_NORM;
+      d.norm_w = p.norm_f_w; break;
+  }
+  return d;
+}
+
+/* Brings into L1 the weights this thread will load in the block's first
+ * two items of `phase` (weights do not depend on earlier phases, so this
+ * runs before the barrier and overlaps the wait). */
+static __device__ void prefetch_weights(const if_params &p, int phase, const if_layer *ly) {
+  const if_prod q = phase_desc(p, phase, ly);
+  const int R = p.B * p.L;
+  const int tc = R <= IF_TR ? 8 : 32, kgs = IF_THREADS / tc;
+  const int nrt = (R + IF_TR - 1) / IF_TR, nct = (q.ncols + tc - 1) / tc;
+  const int cl = threadIdx.x % tc, kg = threadIdx.x / tc;
+  int n = 0;
+  for (int it = blockIdx.x; it < nrt * nct && n < 2; it += gridDim.x, n++) {
+    const int c = (it % nct) * tc + cl;
+    if (c >= q.ncols) continue;
+    const float *wc = c < q.split ? q.w1 + c : q.w2 + (c - q.split);
+    for (int k = kg; k < q.K; k += kgs)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(wc + (size_t)k * q.ldw));
+  }
+}
+
 /* A product phase over all (row tile, column tile) items. */
 static __device__ void product_phase(const if_params &p, int phase, const if_layer *ly,
                                      float *smem) {
   const int R = p.B * p.L;
-  int K, ncols, split, ldw, kind;
-  const float *w1, *w2, *norm_w = NULL;
-  switch (phase) {
-    case P_IN: K = p.F; ncols = p.DM; w1 = w2 = p.in_w; split = ncols; ldw = p.DM; kind = A_X; break;
-    case P_PROJ:
-      K = p.DM; ncols = 2 * p.DI; w1 = ly->in_x_w; w2 = ly->in_z_w; split = p.DI; ldw = p.DI;
-      kind = A_NORM; norm_w = ly->norm_w; break;
-    case P_XPROJ:
-      K = p.DI; ncols = p.RK + 2 * p.N; w1 = w2 = ly->x_proj_w; split = ncols; ldw = ncols;
-      kind = A_CONV; break;
-    case P_OUT: K = p.DI; ncols = p.DM; w1 = w2 = ly->out_w; split = ncols; ldw = p.DM; kind = A_Y; break;
-    default:
-      K = p.DM; ncols = p.O; w1 = w2 = p.head_w; split = ncols; ldw = p.O; kind = A_NORM;
-      norm_w = p.norm_f_w; break;
-  }
+  const if_prod q = phase_desc(p, phase, ly);
+  const int K = q.K, ncols = q.ncols, split = q.split, ldw = q.ldw, kind = q.kind;
+  const float *w1 = q.w1, *w2 = q.w2, *norm_w = q.norm_w;
   float *a_s = smem;                    /* IF_TR * K */
   float *red_s = smem + IF_TR * MX_INFER_MAX_K; /* IF_THREADS * IF_TR */
   /* a few rows: narrow column tiles, to spread the work over more blocks */
@@ -329,11 +377,13 @@ static __device__ void scan_phase(const if_params &p, const if_layer *ly, float 
     for (int t0 = 0; t0 < p.L; t0 += p.tt) {
       const int tn = min(p.tt, p.L - t0);
       __syncthreads();
+#pragma unroll 4
       for (int i = tid; i < tn * ncol; i += IF_THREADS) {
         const int t = i / ncol, k = i - t * ncol;
         bc_s[i] = __ldcg(p.dbc + ((size_t)b * p.L + t0 + t) * ncol + k);
       }
       __syncthreads();
+#pragma unroll 2
       for (int i = tid; i < tn * ch_per; i += IF_THREADS) {
         const int t = i / ch_per, c = i - t * ch_per, dc = d0 + c;
         if (dc >= p.DI) continue;
@@ -401,23 +451,26 @@ static __device__ void scan_phase(const if_params &p, const if_layer *ly, float 
 
 static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p) {
   extern __shared__ float smem[];
-  __shared__ unsigned gen;
-  if (threadIdx.x == 0) gen = ld_acquire(&p.bar[1]);
-  __syncthreads();
   product_phase(p, P_IN, NULL, smem);
   for (int l = 0; l < p.NL; l++) {
     const if_layer *ly = &p.layer[l];
-    grid_barrier(p.bar, &gen);
+    /* each wait at a barrier overlaps the fetch of the next phase's weights */
+    prefetch_weights(p, P_PROJ, ly);
+    grid_barrier(p.bar);
     product_phase(p, P_PROJ, ly, smem);
-    grid_barrier(p.bar, &gen);
+    prefetch_weights(p, P_XPROJ, ly);
+    grid_barrier(p.bar);
     product_phase(p, P_XPROJ, ly, smem);
-    grid_barrier(p.bar, &gen);
+    grid_barrier(p.bar);
     scan_phase(p, ly, smem);
-    grid_barrier(p.bar, &gen);
+    prefetch_weights(p, P_OUT, ly);
+    grid_barrier(p.bar);
     product_phase(p, P_OUT, ly, smem);
   }
-  grid_barrier(p.bar, &gen);
+  prefetch_weights(p, P_HEAD, NULL);
+  grid_barrier(p.bar);
   product_phase(p, P_HEAD, NULL, smem);
+  grid_exit(p.bar);
 }
 
 /* ------------------------------------------------------------------- host */
