@@ -27,9 +27,10 @@
  *
  * Invariants:
  *   - All blocks are co-resident (cooperative launch), so the barrier can
- *     spin. The barrier is a per-device pair {arrivals, exits} in device
- *     memory made once (g_bar), zero whenever no fused kernel runs: the
- *     last block to leave a kernel zeroes both. Only one fused kernel runs
+ *     spin. The barrier words (an exit count and one arrival flag per
+ *     block, see grid_barrier) are per device, made once (g_bar) and zero
+ *     whenever no fused kernel runs: the last block to leave a kernel
+ *     zeroes them. Only one fused kernel runs
  *     at a time per device: they are all on its one stream.
  *   - Weights never change during a kernel, so they are read through L1
  *     (and prefetched into it before each barrier); activations are not.
@@ -59,6 +60,8 @@
 #define IF_SMEM_FLOATS (IF_TR * MX_INFER_MAX_K + IF_THREADS * IF_TR)
 #define IF_MAX_N 32    /* d_state limit of the fused path */
 #define IF_MAX_W 8     /* d_conv limit */
+#define IF_BAR_FLAGS 32    /* barrier words: [0] exit count, [32 + b] block b's flag */
+#define IF_MAX_BLOCKS 1024
 
 typedef struct {
   const float *norm_w, *in_x_w, *in_z_w, *conv_w, *conv_b, *x_proj_w, *dt_w, *dt_b, *a_log, *d,
@@ -90,36 +93,45 @@ static __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
   return v;
 }
 
-/* All blocks of the grid meet here. bar[0] counts arrivals and only grows
- * during a kernel: the block that gets arrival number a waits until the
- * count reaches the end of a's round, (a / nblocks + 1) * nblocks (every
- * kernel starts from 0, so rounds are whole). One atomic and one poll per
- * barrier; the last arriver does not wait at all. */
-static __device__ __forceinline__ void grid_barrier(unsigned *bar) {
+static __device__ __forceinline__ void st_release(unsigned *p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+/* All blocks of the grid meet here, at the e-th barrier of the kernel
+ * (e = 1, 2, ...). Block b announces its arrival by storing e into its own
+ * flag, bar[IF_BAR_FLAGS + b] (no atomics: 132 blocks incrementing one
+ * counter serialise on one L2 slice, microseconds a barrier); warp 0 then
+ * polls every block's flag, 32 at a time, until all have reached e. */
+static __device__ __forceinline__ void grid_barrier(unsigned *bar, unsigned e) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned nb = gridDim.x;
-    __threadfence();
-    const unsigned a = atomicAdd(&bar[0], 1u);
-    const unsigned target = (a / nb + 1) * nb;
-    if (a + 1 != target) {
-      while (ld_acquire(&bar[0]) < target) {
-      }
+  if (threadIdx.x < 32) {
+    unsigned *flags = bar + IF_BAR_FLAGS;
+    const unsigned nb = gridDim.x, lane = threadIdx.x;
+    if (lane == 0) {
+      __threadfence();
+      st_release(&flags[blockIdx.x], e);
     }
+    for (;;) {
+      int ok = 1;
+      for (unsigned b = lane; b < nb; b += 32) ok &= ld_acquire(&flags[b]) >= e;
+      if (__all_sync(0xffffffffu, ok)) break;
+    }
+    __threadfence();
   }
   __syncthreads();
 }
 
 /* At the end of the kernel: the last block out (every block has left every
- * barrier by then) zeroes the counters for the next kernel on the stream. */
+ * barrier by then) zeroes the flags and the exit count for the next kernel
+ * on the stream. */
 static __device__ __forceinline__ void grid_exit(unsigned *bar) {
+  __shared__ unsigned last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned a = atomicAdd(&bar[1], 1u);
-    if (a + 1 == gridDim.x) {
-      atomicExch(&bar[0], 0u);
-      atomicExch(&bar[1], 0u);
-    }
+  if (threadIdx.x == 0) last = atomicAdd(&bar[0], 1u) + 1 == gridDim.x;
+  __syncthreads();
+  if (last) {
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) bar[IF_BAR_FLAGS + b] = 0;
+    if (threadIdx.x == 0) bar[0] = 0;
   }
 }
 
@@ -451,24 +463,25 @@ static __device__ void scan_phase(const if_params &p, const if_layer *ly, float 
 
 static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p) {
   extern __shared__ float smem[];
+  unsigned e = 0; /* barriers passed */
   product_phase(p, P_IN, NULL, smem);
   for (int l = 0; l < p.NL; l++) {
     const if_layer *ly = &p.layer[l];
     /* each wait at a barrier overlaps the fetch of the next phase's weights */
     prefetch_weights(p, P_PROJ, ly);
-    grid_barrier(p.bar);
+    grid_barrier(p.bar, ++e);
     product_phase(p, P_PROJ, ly, smem);
     prefetch_weights(p, P_XPROJ, ly);
-    grid_barrier(p.bar);
+    grid_barrier(p.bar, ++e);
     product_phase(p, P_XPROJ, ly, smem);
-    grid_barrier(p.bar);
+    grid_barrier(p.bar, ++e);
     scan_phase(p, ly, smem);
     prefetch_weights(p, P_OUT, ly);
-    grid_barrier(p.bar);
+    grid_barrier(p.bar, ++e);
     product_phase(p, P_OUT, ly, smem);
   }
   prefetch_weights(p, P_HEAD, NULL);
-  grid_barrier(p.bar);
+  grid_barrier(p.bar, ++e);
   product_phase(p, P_HEAD, NULL, smem);
   grid_exit(p.bar);
 }
@@ -571,8 +584,9 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
   const int i = d->index;
   if (!g_bar[i]) {
     unsigned *bar = NULL;
-    int rc = MX_CUDA_CALL(d, err, cudaMalloc((void **)&bar, 2 * sizeof(unsigned)));
-    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemset(bar, 0, 2 * sizeof(unsigned)));
+    const size_t bytes = (IF_BAR_FLAGS + IF_MAX_BLOCKS) * sizeof(unsigned);
+    int rc = MX_CUDA_CALL(d, err, cudaMalloc((void **)&bar, bytes));
+    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemset(bar, 0, bytes));
     if (rc != MX_OK) {
       if (bar) cudaFree(bar);
       return rc;
@@ -585,7 +599,7 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
     int per_sm = 0;
     MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_kernel, IF_THREADS, bytes));
     if (per_sm < 1) return mx_cuda_fail(err, MX_E_RUNTIME, "infer: the kernel does not fit on an SM");
-    g_max_blocks[i] = per_sm * d->sm_count;
+    g_max_blocks[i] = per_sm * d->sm_count < IF_MAX_BLOCKS ? per_sm * d->sm_count : IF_MAX_BLOCKS;
     g_smem_set[i] = bytes;
   }
   return MX_OK;
