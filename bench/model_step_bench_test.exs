@@ -84,7 +84,7 @@ defmodule Mambex.ModelStepBench do
     fun = fn -> Stepper.step(st, bin) end
     stats = Bench.device_time(device, fun, warmup: 20, runs: 200)
     Stepper.free(st)
-    row("model_step", layers, batch, 1, device, "device stepper replay blocks=#{opts[:blocks] || 0}", stats)
+    row("model_step", layers, batch, 1, device, "device stepper replay #{if opts[:blocks] in [nil, 0], do: "cluster", else: "grid #{opts[:blocks]}"}", stats)
   end
 
   defp window_wall(device, layers, batch, len, runs) do
@@ -118,7 +118,7 @@ defmodule Mambex.ModelStepBench do
       end
 
     sweep =
-      for layers <- [2, 4], blocks <- [16, 32, 64, 132] do
+      for layers <- [2, 4], blocks <- [0, 16, 64, 132] do
         stepper_device(d, layers, 1, blocks: blocks)
       end
 

@@ -127,6 +127,18 @@ defmodule Mambex.InferTest do
         {c, _} = NIF.infer(cfg, top, layers, x, nil, nil, false)
         assert Tensor.to_binary(c) == Tensor.to_binary(a), "blocks #{blocks}"
       end
+
+      # a step-sized call (a few rows) runs as one thread-block cluster by
+      # default: the same bits as grids of any size
+      one = Tensor.slice(x, 1, 0, 1)
+      {cfg0, top, layers} = Model.fused_args(m32, 0)
+      {s0, _} = NIF.infer(cfg0, top, layers, one, nil, nil, false)
+
+      for blocks <- [1, 5, 132] do
+        {cfg, top, layers} = Model.fused_args(m32, blocks)
+        {c, _} = NIF.infer(cfg, top, layers, one, nil, nil, false)
+        assert Tensor.to_binary(c) == Tensor.to_binary(s0), "step, blocks #{blocks}"
+      end
     end
 
     @tag :cuda
