@@ -128,8 +128,8 @@ defmodule Mambex.InferTest do
         assert Tensor.to_binary(c) == Tensor.to_binary(a), "blocks #{blocks}"
       end
 
-      # a step-sized call (a few rows) runs as one thread-block cluster by
-      # default: the same bits as grids of any size
+      # a step-sized call (a few rows, 8-column tiles): the same bits for
+      # grids of any size
       one = Tensor.slice(x, 1, 0, 1)
       {cfg0, top, layers} = Model.fused_args(m32, 0)
       {s0, _} = NIF.infer(cfg0, top, layers, one, nil, nil, false)

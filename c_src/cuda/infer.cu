@@ -27,10 +27,9 @@
  *
  * Invariants:
  *   - All blocks are co-resident (cooperative launch), so the barrier can
- *     spin. The barrier words (an exit count and one arrival flag per
- *     block, see grid_barrier) are per device, made once (g_bar) and zero
- *     whenever no fused kernel runs: the last block to leave a kernel
- *     zeroes them. Only one fused kernel runs
+ *     spin. The barrier is a per-device pair {arrivals, exits} in device
+ *     memory made once (g_bar), zero whenever no fused kernel runs: the
+ *     last block to leave a kernel zeroes both. Only one fused kernel runs
  *     at a time per device: they are all on its one stream.
  *   - Weights never change during a kernel, so they are read through L1
  *     (and prefetched into it before each barrier); activations are not.
@@ -60,7 +59,6 @@
 #define IF_SMEM_FLOATS (IF_TR * MX_INFER_MAX_K + IF_THREADS * IF_TR)
 #define IF_MAX_N 32    /* d_state limit of the fused path */
 #define IF_MAX_W 8     /* d_conv limit */
-#define IF_MAX_CLUSTER 16  /* blocks of the cluster launch (non-portable size) */
 
 typedef struct {
   const float *norm_w, *in_x_w, *in_z_w, *conv_w, *conv_b, *x_proj_w, *dt_w, *dt_b, *a_log, *d,
@@ -98,8 +96,6 @@ static __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
  * kernel starts from 0, so rounds are whole). One atomic and one poll per
  * barrier; the last arriver does not wait at all. */
 static __device__ __forceinline__ void grid_barrier(unsigned *bar) {
-  /* (measured: one contended counter beat per-block flags polled by every
-   * block, 43.8 vs 58 us for the 2-layer step) */
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned nb = gridDim.x;
@@ -124,19 +120,6 @@ static __device__ __forceinline__ void grid_exit(unsigned *bar) {
       atomicExch(&bar[0], 0u);
       atomicExch(&bar[1], 0u);
     }
-  }
-}
-
-/* The barrier of a kernel launched as ONE thread-block cluster (up to 16
- * blocks, few rows): the hardware cluster barrier, release/acquire at
- * cluster scope (global memory included), a fraction of a grid barrier. */
-template <bool CLUSTER>
-static __device__ __forceinline__ void phase_barrier(unsigned *bar) {
-  if (CLUSTER) {
-    __syncthreads();
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-  } else {
-    grid_barrier(bar);
   }
 }
 
@@ -466,7 +449,6 @@ static __device__ void scan_phase(const if_params &p, const if_layer *ly, float 
   }
 }
 
-template <bool CLUSTER>
 static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p) {
   extern __shared__ float smem[];
   product_phase(p, P_IN, NULL, smem);
@@ -474,28 +456,27 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p
     const if_layer *ly = &p.layer[l];
     /* each wait at a barrier overlaps the fetch of the next phase's weights */
     prefetch_weights(p, P_PROJ, ly);
-    phase_barrier<CLUSTER>(p.bar);
+    grid_barrier(p.bar);
     product_phase(p, P_PROJ, ly, smem);
     prefetch_weights(p, P_XPROJ, ly);
-    phase_barrier<CLUSTER>(p.bar);
+    grid_barrier(p.bar);
     product_phase(p, P_XPROJ, ly, smem);
-    phase_barrier<CLUSTER>(p.bar);
+    grid_barrier(p.bar);
     scan_phase(p, ly, smem);
     prefetch_weights(p, P_OUT, ly);
-    phase_barrier<CLUSTER>(p.bar);
+    grid_barrier(p.bar);
     product_phase(p, P_OUT, ly, smem);
   }
   prefetch_weights(p, P_HEAD, NULL);
-  phase_barrier<CLUSTER>(p.bar);
+  grid_barrier(p.bar);
   product_phase(p, P_HEAD, NULL, smem);
-  if (!CLUSTER) grid_exit(p.bar);
+  grid_exit(p.bar);
 }
 
 /* ------------------------------------------------------------------- host */
 
 static unsigned *g_bar[MX_MAX_CUDA_DEVICES];
 static int g_smem_set[MX_MAX_CUDA_DEVICES];
-static int g_cluster[MX_MAX_CUDA_DEVICES];
 static int g_max_blocks[MX_MAX_CUDA_DEVICES];
 
 static int check_args(const mx_infer_args *a, mx_err *err) {
@@ -590,9 +571,8 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
   const int i = d->index;
   if (!g_bar[i]) {
     unsigned *bar = NULL;
-    const size_t bytes = 2 * sizeof(unsigned);
-    int rc = MX_CUDA_CALL(d, err, cudaMalloc((void **)&bar, bytes));
-    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemset(bar, 0, bytes));
+    int rc = MX_CUDA_CALL(d, err, cudaMalloc((void **)&bar, 2 * sizeof(unsigned)));
+    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemset(bar, 0, 2 * sizeof(unsigned)));
     if (rc != MX_OK) {
       if (bar) cudaFree(bar);
       return rc;
@@ -601,75 +581,37 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
   }
   if (!g_smem_set[i]) {
     const int bytes = (int)(IF_SMEM_FLOATS * sizeof(float));
-    MX_CUDA_TRY(d, err, cudaFuncSetAttribute(infer_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    MX_CUDA_TRY(d, err, cudaFuncSetAttribute(infer_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    MX_CUDA_TRY(d, err, cudaFuncSetAttribute(infer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int per_sm = 0;
-    MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_kernel<false>, IF_THREADS, bytes));
+    MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_kernel, IF_THREADS, bytes));
     if (per_sm < 1) return mx_cuda_fail(err, MX_E_RUNTIME, "infer: the kernel does not fit on an SM");
     g_max_blocks[i] = per_sm * d->sm_count;
-    /* the largest cluster the device can place (16 needs the non-portable
-     * size; 0 = no cluster launch, grid barriers only) */
-    g_cluster[i] = 0;
-    if (cudaFuncSetAttribute(infer_kernel<true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
-      cudaGetLastError();
-    for (int size = IF_MAX_CLUSTER; size >= 2 && !g_cluster[i]; size /= 2) {
-      cudaLaunchConfig_t cfg = {};
-      cudaLaunchAttribute attr[1] = {};
-      cfg.gridDim = dim3(size);
-      cfg.blockDim = dim3(IF_THREADS);
-      cfg.dynamicSmemBytes = (size_t)bytes;
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = size;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, infer_kernel<true>, &cfg) == cudaSuccess && clusters >= 1)
-        g_cluster[i] = size;
-      cudaGetLastError();
-    }
     g_smem_set[i] = bytes;
   }
   return MX_OK;
 }
 
-/* Blocks of a call, and whether they run as one cluster: a few rows (a
- * step) run as one cluster of up to 16 blocks with the hardware cluster
- * barrier; many rows (or an explicit block count) as a cooperative grid. */
-static unsigned pick_blocks(const mx_cuda_dev *d, const mx_infer_args *a, int *cluster) {
-  *cluster = 0;
-  if (a->blocks == 0 && a->batch * a->len <= IF_TR && g_cluster[d->index] > 0) {
-    *cluster = 1;
-    return (unsigned)g_cluster[d->index];
-  }
-  int want = a->blocks > 0 ? a->blocks : g_max_blocks[d->index];
+static unsigned pick_blocks(const mx_cuda_dev *d, const mx_infer_args *a) {
+  /* default: one block per SM for a few rows (the phases are latency
+   * chains), every co-resident block for many */
+  int want = a->blocks > 0 ? a->blocks : (a->batch * a->len <= IF_TR ? d->sm_count : g_max_blocks[d->index]);
   if (want > g_max_blocks[d->index]) want = g_max_blocks[d->index];
   if (want < 1) want = 1;
   return (unsigned)want;
 }
 
-static int launch(mx_cuda_dev *d, const if_params *p, unsigned blocks, int cluster, cudaStream_t stream,
-                  mx_err *err) {
+static int launch(mx_cuda_dev *d, const if_params *p, unsigned blocks, cudaStream_t stream, mx_err *err) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(IF_THREADS);
   cfg.dynamicSmemBytes = (size_t)g_smem_set[d->index];
   cfg.stream = stream;
   cudaLaunchAttribute attr[1] = {};
-  if (cluster) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = blocks;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-  } else {
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-  }
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (cluster) return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel<true>, *p));
-  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel<false>, *p));
+  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel, *p));
 }
 
 extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {
@@ -686,9 +628,7 @@ extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {
   if (rc == MX_OK) {
     if_params p;
     fill_params(&p, a, scratch, g_bar[d->index]);
-    int cluster;
-    const unsigned blocks = pick_blocks(d, a, &cluster);
-    rc = launch(d, &p, blocks, cluster, d->stream, err);
+    rc = launch(d, &p, pick_blocks(d, a), d->stream, err);
   }
   if (scratch) {
     mx_err ignored;
@@ -712,7 +652,6 @@ typedef struct {
   cudaEvent_t done;
   if_params p;
   unsigned blocks;
-  int cluster;
 } if_plan;
 
 static void plan_release(mx_cuda_dev *d, if_plan *pl) {
@@ -735,7 +674,7 @@ static void plan_release(mx_cuda_dev *d, if_plan *pl) {
 /* The frame upload, the kernel and the logits download on `stream`. */
 static int plan_enqueue(mx_cuda_dev *d, if_plan *pl, cudaStream_t stream, mx_err *err) {
   MX_CUDA_TRY(d, err, cudaMemcpyAsync(pl->dev_in, pl->host_in, pl->in_bytes, cudaMemcpyHostToDevice, stream));
-  int rc = launch(d, &pl->p, pl->blocks, pl->cluster, stream, err);
+  int rc = launch(d, &pl->p, pl->blocks, stream, err);
   if (rc != MX_OK) return rc;
   MX_CUDA_TRY(d, err, cudaMemcpyAsync(pl->host_out, pl->dev_out, pl->out_bytes, cudaMemcpyDeviceToHost, stream));
   return MX_OK;
@@ -807,7 +746,7 @@ extern "C" int mx_cuda_infer_plan_new(int dev, const mx_infer_args *a, void **pl
     b.reset = (const uint8_t *)pl->dev_in + B * (size_t)a->features * sizeof(float);
     b.out = pl->dev_out;
     fill_params(&pl->p, &b, pl->scratch, g_bar[d->index]);
-    pl->blocks = pick_blocks(d, a, &pl->cluster);
+    pl->blocks = pick_blocks(d, a);
     (void)plan_capture(d, pl);
   }
   if (rc != MX_OK) {

@@ -223,7 +223,8 @@ defmodule Mambex.Model do
 
   On a CUDA device, an `{:f, 32}` model within the fused limits (see
   `fused?/1`) runs the whole window in one persistent kernel when
-  `B * L <= 512` (`fused: :auto`, the default): every product in exact
+  `B * L <= 8` (`fused: :auto`, the default; above that the op-by-op
+  path, with cuBLASLt products, measured faster): every product in exact
   fp32 whatever `:precision` says, and resets handled on the device (no
   host read). `fused: true` insists (ArgumentError when the model or device
   cannot), `fused: false` always runs the op-by-op forward.
@@ -247,7 +248,10 @@ defmodule Mambex.Model do
     end
   end
 
-  @fused_rows 512
+  # measured on the H200 (bench/results/model_step.csv): fused wins at one
+  # row (43.8 vs 76 us for the 2-layer step) and loses at 60 (173 vs 145)
+  # and 256 (344 vs 199): its products are SIMT tiles, not cuBLAS GEMMs
+  @fused_rows 8
 
   @doc """
   Whether `model` can run on the fused inference path (`step/4`,
@@ -330,7 +334,7 @@ defmodule Mambex.Model do
       row; the other rows continue)
     * `:precision` (`:fp32` or `:tf32`)
     * `:fused` (`:auto`, `true`, `false`): as in `forward_with_state/3`;
-      with `:auto`, a CUDA `{:f, 32}` model steps up to 512 rows in one
+      with `:auto`, a CUDA `{:f, 32}` model steps up to 8 rows in one
       fused kernel launch (exact fp32)
 
   For the lowest latency per frame (one NIF call: frame bytes in, logits
