@@ -85,14 +85,18 @@ int mx_storage_new(int slot, size_t nbytes, mx_storage **out, mx_err *err) {
   s->slot = slot;
   s->ptr = ptr;
   s->nbytes = nbytes;
+  atomic_fetch_add(&mx_stats_for(slot)->total_allocs, 1);
+  mx_stats_add_live(slot, nbytes);
+  *out = s;
+  return MX_OK;
+}
+
+void mx_stats_add_live(int slot, size_t nbytes) {
   mx_mem_stats *st = mx_stats_for(slot);
   long long live = atomic_fetch_add(&st->live_bytes, (long long)nbytes) + (long long)nbytes;
-  atomic_fetch_add(&st->total_allocs, 1);
   long long peak = atomic_load(&st->peak_bytes);
   while (live > peak && !atomic_compare_exchange_weak(&st->peak_bytes, &peak, live)) {
   }
-  *out = s;
-  return MX_OK;
 }
 
 void mx_storage_retain(mx_storage *s) { atomic_fetch_add(&s->refs, 1); }

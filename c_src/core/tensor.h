@@ -74,6 +74,10 @@ int64_t mx_numel_checked(const int64_t *shape, int rank, size_t elsize);
 
 /* Allocate storage of nbytes on a slot (refs = 1). */
 int mx_storage_new(int slot, size_t nbytes, mx_storage **out, mx_err *err);
+/* Counts nbytes more live on a slot (raising the peak): storage does it
+ * itself; other holders of device memory (inference plans) call it and
+ * subtract from live_bytes when they let go. */
+void mx_stats_add_live(int slot, size_t nbytes);
 void mx_storage_retain(mx_storage *s);
 void mx_storage_release(mx_storage *s);
 

@@ -265,6 +265,10 @@ static __device__ float tile_product(const float *a_s, int nr, int K, const floa
 
 enum { P_IN = 0, P_PROJ = 1, P_XPROJ = 2, P_OUT = 3, P_HEAD = 4 };
 
+/* Columns per product tile: 8 for a few rows (more tiles to spread over the
+ * blocks), 32 for many (a warp reads 128 contiguous bytes of a weight row). */
+static __device__ __forceinline__ int tile_cols(int R) { return R <= IF_TR ? 8 : 32; }
+
 /* What a product phase multiplies. */
 typedef struct {
   int K, ncols, split, ldw, kind;
@@ -296,7 +300,7 @@ static __device__ __forceinline__ if_prod phase_desc(const if_params &p, int pha
 static __device__ void prefetch_weights(const if_params &p, int phase, const if_layer *ly) {
   const if_prod q = phase_desc(p, phase, ly);
   const int R = p.B * p.L;
-  const int tc = R <= IF_TR ? 8 : 32, kgs = IF_THREADS / tc;
+  const int tc = tile_cols(R), kgs = IF_THREADS / tc;
   const int nrt = (R + IF_TR - 1) / IF_TR, nct = (q.ncols + tc - 1) / tc;
   const int cl = threadIdx.x % tc, kg = threadIdx.x / tc;
   int n = 0;
@@ -318,8 +322,7 @@ static __device__ void product_phase(const if_params &p, int phase, const if_lay
   const float *w1 = q.w1, *w2 = q.w2, *norm_w = q.norm_w;
   float *a_s = smem;                    /* IF_TR * K */
   float *red_s = smem + IF_TR * MX_INFER_MAX_K; /* IF_THREADS * IF_TR */
-  /* a few rows: narrow column tiles, to spread the work over more blocks */
-  const int tc = R <= IF_TR ? 8 : 32;
+  const int tc = tile_cols(R);
   const int nrt = (R + IF_TR - 1) / IF_TR, nct = (ncols + tc - 1) / tc;
   const int items = nrt * nct;
   int cur_rt = -1;
@@ -355,7 +358,7 @@ static __device__ void product_phase(const if_params &p, int phase, const if_lay
 
 /* The scan phase: item = (batch row b, group of IF_THREADS / lp channels).
  * Thread (ch, n) owns state n of channel d; sums over n by shuffles within
- * lp lanes. Steps are staged IF_TT at a time. */
+ * lp lanes. Steps are staged p.tt (at most IF_TT) at a time. */
 static __device__ void scan_phase(const if_params &p, const if_layer *ly, float *smem) {
   const int lp = p.lp, ch_per = IF_THREADS / lp;
   const int ngroups = (p.DI + ch_per - 1) / ch_per;
@@ -493,8 +496,6 @@ static int check_args(const mx_infer_args *a, mx_err *err) {
       a->dt_rank < 1 || a->outputs < 1 || a->outputs > (1 << 20))
     return mx_cuda_fail(err, MX_E_ARG, "infer: d_state 1..%d, d_conv 1..%d, dt_rank >= 1 required",
                         IF_MAX_N, IF_MAX_W);
-  if (a->d_conv - 1 > 32)
-    return mx_cuda_fail(err, MX_E_ARG, "infer: d_conv too large");
   return MX_OK;
 }
 

@@ -441,11 +441,7 @@ ERL_NIF_TERM nif_infer_plan_new(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
   memcpy(p->stor, c->stor, c->nstor * sizeof *p->stor);
   p->nstor = c->nstor;
   c->nstor = 0;
-  mx_mem_stats *ms = mx_stats_for(p->slot);
-  long long live = atomic_fetch_add(&ms->live_bytes, (long long)p->device_bytes) + (long long)p->device_bytes;
-  long long peak = atomic_load(&ms->peak_bytes);
-  while (live > peak && !atomic_compare_exchange_weak(&ms->peak_bytes, &peak, live)) {
-  }
+  mx_stats_add_live(p->slot, p->device_bytes);
   ERL_NIF_TERM term = enif_make_resource(env, p);
   enif_release_resource(p);
   return term;

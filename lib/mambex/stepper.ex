@@ -66,29 +66,20 @@ defmodule Mambex.Stepper do
     unless is_integer(opts[:blocks]) and opts[:blocks] in 0..4096,
       do: raise(ArgumentError, "Stepper.new: :blocks must be an integer in 0..4096, got: #{inspect(opts[:blocks])}")
 
-    fused =
-      case opts[:fused] do
-        :auto -> Model.fused?(model) and batch <= @graph_rows
-        false -> false
-        true ->
-          Model.fused?(model) ||
-            raise ArgumentError, "Stepper.new: fused: true needs a CUDA {:f, 32} model within the fused limits (see Model.fused?/1)"
+    unless opts[:fused] in [:auto, true, false],
+      do: raise(ArgumentError, "Stepper.new: :fused must be :auto, true or false, got: #{inspect(opts[:fused])}")
 
-        other ->
-          raise ArgumentError, "Stepper.new: :fused must be :auto, true or false, got: #{inspect(other)}"
-      end
+    if opts[:fused] == true and not Model.fused?(model),
+      do: raise(ArgumentError, "Stepper.new: fused: true needs a CUDA {:f, 32} model within the fused limits (see Model.fused?/1)")
 
     state = initial_state(model, batch, opts[:state])
-    s = %__MODULE__{
-      model: model,
-      batch: batch,
-      mode: if(fused, do: :graph, else: :ops),
-      state: state,
-      blocks: opts[:blocks],
-      fused: opts[:fused]
-    }
+    with_mode(%__MODULE__{model: model, batch: batch, mode: :ops, state: state, blocks: opts[:blocks], fused: opts[:fused]})
+  end
 
-    if fused, do: capture(s), else: s
+  # Picks the plan or the op path for the stepper's batch (capturing a plan).
+  defp with_mode(%__MODULE__{model: model, batch: batch, fused: fused} = s) do
+    graph = fused == true or (fused == :auto and Model.fused?(model) and batch <= @graph_rows)
+    if graph, do: capture(%{s | mode: :graph}), else: %{s | mode: :ops}
   end
 
   defp initial_state(model, batch, nil), do: Model.init_state(model, batch)
@@ -168,9 +159,7 @@ defmodule Mambex.Stepper do
 
   defp rebatch(%__MODULE__{} = s, rows) do
     free(s)
-    graph = s.fused == true or (s.fused == :auto and Model.fused?(s.model) and rows <= @graph_rows)
-    s = %{s | batch: rows, state: Model.init_state(s.model, rows), plan: nil, mode: if(graph, do: :graph, else: :ops)}
-    if graph, do: capture(s), else: s
+    with_mode(%{s | batch: rows, state: Model.init_state(s.model, rows), plan: nil})
   end
 
   @doc """
