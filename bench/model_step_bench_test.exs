@@ -72,19 +72,28 @@ defmodule Mambex.ModelStepBench do
     stats = Bench.wall_time(device, fun, warmup: 50, runs: runs)
     info = Stepper.info(Process.get(:bench_stepper))
     Stepper.free(Process.get(:bench_stepper))
-    label = "stepper #{Mambex.executor()} graphed=#{info.graphed}#{if opts[:blocks], do: " blocks=#{opts[:blocks]}", else: ""}"
+    label = "stepper #{Mambex.executor()} graphed=#{info.graphed} kernel=#{info.kernel}#{if opts[:blocks], do: " blocks=#{opts[:blocks]}", else: ""}"
     Map.merge(row("model_step", layers, batch, 1, device, label, stats), %{metric: "p99_us", value: stats.p99})
   end
 
-  # The plan's whole replay (upload, kernel, download) in device time.
+  # The plan's whole replay (the kernel reading the frame from and writing
+  # the logits to pinned host memory) in device time.
   defp stepper_device(device, layers, batch, opts) do
     m = model(device, layers)
     bin = frame_bin(batch, 1)
     st = Stepper.new(m, batch, opts)
     fun = fn -> Stepper.step(st, bin) end
     stats = Bench.device_time(device, fun, warmup: 20, runs: 200)
+    info = Stepper.info(st)
     Stepper.free(st)
-    row("model_step", layers, batch, 1, device, "device stepper replay #{if opts[:blocks] in [nil, 0], do: "cluster", else: "grid #{opts[:blocks]}"}", stats)
+
+    how =
+      case info.kernel do
+        :step -> "step kernel channels=#{if opts[:step_channels] in [nil, 0], do: "auto", else: opts[:step_channels]}"
+        :general -> "general kernel grid=#{opts[:blocks]}"
+      end
+
+    row("model_step", layers, batch, 1, device, "device stepper replay #{how}", stats)
   end
 
   defp window_wall(device, layers, batch, len, runs) do
@@ -118,8 +127,8 @@ defmodule Mambex.ModelStepBench do
       end
 
     sweep =
-      for layers <- [2, 4], blocks <- [0, 16, 64, 132] do
-        stepper_device(d, layers, 1, blocks: blocks)
+      for layers <- [2, 4], batch <- [1, 8], opts <- [[], [step_channels: 4], [step_channels: 8], [step_channels: 16], [blocks: 132]] do
+        stepper_device(d, layers, batch, opts)
       end
 
     steppers =

@@ -128,10 +128,10 @@ defmodule Mambex.InferTest do
         assert Tensor.to_binary(c) == Tensor.to_binary(a), "blocks #{blocks}"
       end
 
-      # a step-sized call (a few rows, 8-column tiles): the same bits for
-      # grids of any size
+      # a step-sized call on the general kernel (a few rows, 8-column
+      # tiles): the same bits for grids of any size
       one = Tensor.slice(x, 1, 0, 1)
-      {cfg0, top, layers} = Model.fused_args(m32, 0)
+      {cfg0, top, layers} = Model.fused_args(m32, 0, -1)
       {s0, _} = NIF.infer(cfg0, top, layers, one, nil, nil, false)
 
       for blocks <- [1, 5, 132] do
@@ -139,6 +139,76 @@ defmodule Mambex.InferTest do
         {c, _} = NIF.infer(cfg, top, layers, one, nil, nil, false)
         assert Tensor.to_binary(c) == Tensor.to_binary(s0), "step, blocks #{blocks}"
       end
+
+      # the step kernel: the same bits on every rerun
+      {cfg, top, layers} = Model.fused_args(m32, 0, 5)
+      {k1, _} = NIF.infer(cfg, top, layers, one, nil, nil, false)
+      {k2, _} = NIF.infer(cfg, top, layers, one, nil, nil, false)
+      assert Tensor.to_binary(k1) == Tensor.to_binary(k2)
+    end
+
+    # Steps through the step kernel with `channels` per block (0: auto) from
+    # a random state, resets on some rows at some steps, against the float64
+    # reference stepping the same way.
+    defp step_kernel_run(opts, b, steps, channels, device) do
+      {m64, m32} = model_pair(opts, device, 7 + b)
+      f = opts[:features]
+      {x64, x32} = rand_inputs(b, steps, f, b * 3 + channels)
+      x32 = Tensor.to_device(x32, device)
+      # a non-zero state to start from: the end of a first window
+      {x64a, x32a} = rand_inputs(b, 3, f, 17)
+      {_, s64} = Model.forward_with_state(m64, x64a)
+      {_, s32} = Model.forward_with_state(m32, Tensor.to_device(x32a, device), fused: false)
+      {cfg, top, layers} = Model.fused_args(m32, 0, channels)
+
+      Enum.reduce(0..(steps - 1), {s64, s32.layers}, fn t, {st64, st32} ->
+        rs = for row <- 0..(b - 1), do: if(rem(row + t, 3) == 2 and t > 0, do: 1, else: 0)
+        frame64 = x64 |> Tensor.slice(1, t, 1) |> Tensor.reshape({b, f})
+        frame32 = x32 |> Tensor.slice(1, t, 1)
+        {ref, st64} = Model.step(m64, st64, frame64, reset: flags(rs, {b}, :cpu))
+        {out, st32} = NIF.infer(cfg, top, layers, frame32, flags(rs, {b, 1}, device), st32, false)
+        label = "#{inspect(opts)} B=#{b} channels=#{channels} t=#{t}"
+        assert_close(Tensor.reshape(out, {b, opts[:outputs]}), ref, label)
+        got = Enum.flat_map(st32, fn {c, s} -> read(c) ++ read(s) end)
+        assert rel_err(got, state_values(st64)) <= @tol, "#{label}: state"
+        {st64, st32}
+      end)
+    end
+
+    @tag :cuda
+    test "step kernel: odd sizes, 1..8 rows, any channels per block, resets, from a state" do
+      device = cuda_device()
+
+      for {opts, b, channels} <- [
+            {@small, 1, 0},
+            {@small, 2, 1},
+            {@small, 3, 5},
+            {@small, 8, 16},
+            {@small, 5, 64},
+            {[features: 5, outputs: 3, d_model: 16, n_layers: 1, d_state: 1, d_conv: 1], 2, 0},
+            {[features: 9, outputs: 64, d_model: 40, n_layers: 4, d_state: 16, d_conv: 4, dt_rank: 3], 4, 0},
+            {[features: 3, outputs: 2, d_model: 8, n_layers: 2, d_state: 32, d_conv: 8], 1, 8},
+            {[features: 300, outputs: 70, d_model: 256, n_layers: 2, d_state: 16, d_conv: 4], 1, 0}
+          ] do
+        step_kernel_run(opts, b, 4, channels, device)
+      end
+    end
+
+    @tag :cuda
+    test "step kernel: chosen for one step of at most 8 rows; asked-for channels it cannot use raise" do
+      device = cuda_device()
+      {_, m32} = model_pair(@small, device)
+      st = Stepper.new(m32, 3)
+      assert Stepper.info(st).kernel == :step
+      st9 = Stepper.new(m32, 8, blocks: 4)
+      assert Stepper.info(st9).kernel == :general
+      {cfg, top, layers} = Model.fused_args(m32, 0, 3)
+      x = Tensor.zeros({9, 1, 7}, device: device)
+      assert_raise ArgumentError, ~r/step_channels 3 cannot be used/, fn -> NIF.infer(cfg, top, layers, x, nil, nil, false) end
+      assert_raise ArgumentError, ~r/choose different kernels/, fn -> NIF.infer(put_elem(cfg, 8, 4), top, layers, x, nil, nil, false) end
+      assert_raise ArgumentError, ~r/step_channels must be/, fn -> NIF.infer(put_elem(cfg, 9, 65), top, layers, x, nil, nil, false) end
+      Stepper.free(st)
+      Stepper.free(st9)
     end
 
     @tag :cuda

@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define MX_BACKEND_ABI 6
+#define MX_BACKEND_ABI 7
 #define MX_MAX_RANK 8
 #define MX_MAX_CUDA_DEVICES 16
 #define MX_ERR_LEN 256
@@ -288,6 +288,7 @@ typedef struct {
  * dt_rank + 2 d_state <= MX_INFER_MAX_K. */
 #define MX_INFER_MAX_LAYERS 16
 #define MX_INFER_MAX_K 2048
+enum { MX_PLAN_GRAPHED = 1, MX_PLAN_STEP_KERNEL = 2 };
 
 typedef struct {
   const void *norm_w;   /* (DM) */
@@ -310,7 +311,10 @@ typedef struct {
 typedef struct {
   int64_t batch, len, features, d_model, d_inner, d_state, d_conv, dt_rank, outputs;
   int n_layers;
-  int blocks;           /* persistent blocks (0: the backend's choice) */
+  int blocks;           /* CUDA: the general kernel with this many persistent blocks (0: the
+                         * backend's choice) */
+  int step_channels;    /* CUDA: the step kernel (len 1, batch <= 8) with this many channels
+                         * per block; 0: the backend's choice, -1: never the step kernel */
   double eps;
   const void *in_w;     /* (F, DM) */
   const void *in_b;     /* (DM) */
@@ -441,23 +445,22 @@ typedef struct mx_backend {
 
   /* fused inference (NULL where the backend has none) */
   int (*infer)(int dev, const mx_infer_args *a, mx_err *err);
-  /* A captured inference plan for len = 1: the frame upload, the fused
-   * step and the logits download recorded once (a CUDA graph where the
-   * driver allows) and replayed by infer_plan_run, which waits for it.
-   * a->x, a->out and a->reset are ignored: the plan owns pinned host
-   * buffers, *host_in = frames (B * F f32) followed by B reset bytes, and
+  /* A captured inference plan for len = 1: the fused step recorded once
+   * (a CUDA graph where the driver allows) and replayed by infer_plan_run,
+   * which waits for it. a->x, a->out and a->reset are ignored: the plan
+   * owns pinned host buffers that the step reads and writes directly, *host_in = frames (B * F f32) followed by B reset bytes, and
    * *host_out = logits (B * O f32). The states are updated in place
    * (conv_out == conv_in, ssm_out == ssm_in, both non-NULL). infer_plan_run
    * must not be called for one plan from two threads at once;
    * infer_plan_free waits for the plan's last run. *device_bytes: the
    * device memory the plan holds (for the memory statistics).
-   * infer_plan_graphed: 1 when runs replay a CUDA graph, 0 when they fall
-   * back to launching the three operations. */
+   * infer_plan_flags: MX_PLAN_GRAPHED when runs replay a CUDA graph (else
+   * they launch directly), MX_PLAN_STEP_KERNEL when the step kernel runs. */
   int (*infer_plan_new)(int dev, const mx_infer_args *a, void **plan, void **host_in,
                         void **host_out, size_t *device_bytes, mx_err *err);
   int (*infer_plan_run)(int dev, void *plan, mx_err *err);
   void (*infer_plan_free)(int dev, void *plan);
-  int (*infer_plan_graphed)(const void *plan);
+  int (*infer_plan_flags)(const void *plan);
 } mx_backend;
 
 /* The one symbol the CUDA shared object exports. NULL on ABI mismatch. */

@@ -51,7 +51,7 @@ static const mx_backend mx_cuda_table = {
     .infer_plan_new = mx_cuda_infer_plan_new,
     .infer_plan_run = mx_cuda_infer_plan_run,
     .infer_plan_free = mx_cuda_infer_plan_free,
-    .infer_plan_graphed = mx_cuda_infer_plan_graphed,
+    .infer_plan_flags = mx_cuda_infer_plan_flags,
 };
 
 extern "C" __attribute__((visibility("default"))) const mx_backend *mx_cuda_backend_get(int abi) {

@@ -70,7 +70,7 @@ MX_CUDA_HIDDEN int mx_cuda_infer_plan_new(int dev, const mx_infer_args *a, void 
                                           void **host_out, size_t *device_bytes, mx_err *err);
 MX_CUDA_HIDDEN int mx_cuda_infer_plan_run(int dev, void *plan, mx_err *err);
 MX_CUDA_HIDDEN void mx_cuda_infer_plan_free(int dev, void *plan);
-MX_CUDA_HIDDEN int mx_cuda_infer_plan_graphed(const void *plan);
+MX_CUDA_HIDDEN int mx_cuda_infer_plan_flags(const void *plan);
 
 /* linear.cu */
 MX_CUDA_HIDDEN int mx_cuda_gemm(int dev, const mx_gemm_args *a, mx_err *err);

@@ -44,92 +44,16 @@
  *     device's stream under its enqueue mutex, and freed only after their
  *     last replay has finished (the plan's event).
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda_ops.h"
+#include "infer_common.cuh"
 
-#define IF_THREADS 256
 #define IF_TR 8        /* rows per product tile */
 #define IF_TT 64       /* scan steps staged per chunk, at most */
 /* dynamic shared memory: an A tile of IF_TR rows of MX_INFER_MAX_K and the
  * K-group partials; the scan's staging is fitted into the same size */
 #define IF_SMEM_FLOATS (IF_TR * MX_INFER_MAX_K + IF_THREADS * IF_TR)
-#define IF_MAX_N 32    /* d_state limit of the fused path */
-#define IF_MAX_W 8     /* d_conv limit */
-
-typedef struct {
-  const float *norm_w, *in_x_w, *in_z_w, *conv_w, *conv_b, *x_proj_w, *dt_w, *dt_b, *a_log, *d,
-      *out_w;
-  const float *conv_in, *ssm_in;
-  float *conv_out, *ssm_out;
-} if_layer;
-
-typedef struct {
-  int B, L, F, DM, DI, N, W, RK, O, NL;
-  int lp;   /* lanes per scan channel (power of two >= N, <= 32) */
-  int tt;   /* scan steps staged per chunk (fits IF_SMEM_FLOATS) */
-  float eps;
-  const float *in_w, *in_b, *norm_f_w, *head_w, *head_b;
-  const float *x;
-  const uint8_t *reset;
-  float *out;
-  /* scratch (R rows each) */
-  float *s, *xi, *z, *xc, *dbc, *y;
-  unsigned *bar;
-  if_layer layer[MX_INFER_MAX_LAYERS];
-} if_params;
-
-/* ---------------------------------------------------------------- barrier */
-
-static __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-/* All blocks of the grid meet here. bar[0] counts arrivals and only grows
- * during a kernel: the block that gets arrival number a waits until the
- * count reaches the end of a's round, (a / nblocks + 1) * nblocks (every
- * kernel starts from 0, so rounds are whole). One atomic and one poll per
- * barrier; the last arriver does not wait at all. */
-static __device__ __forceinline__ void grid_barrier(unsigned *bar) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned nb = gridDim.x;
-    __threadfence();
-    const unsigned a = atomicAdd(&bar[0], 1u);
-    const unsigned target = (a / nb + 1) * nb;
-    if (a + 1 != target) {
-      while (ld_acquire(&bar[0]) < target) {
-      }
-    }
-  }
-  __syncthreads();
-}
-
-/* At the end of the kernel: the last block out (every block has left every
- * barrier by then) zeroes the counters for the next kernel on the stream. */
-static __device__ __forceinline__ void grid_exit(unsigned *bar) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned a = atomicAdd(&bar[1], 1u);
-    if (a + 1 == gridDim.x) {
-      atomicExch(&bar[0], 0u);
-      atomicExch(&bar[1], 0u);
-    }
-  }
-}
-
-/* ----------------------------------------------------------------- helpers */
-
-static __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
-
-static __device__ __forceinline__ float softplus_f(float x) {
-  return x > 20.0f ? x : log1pf(expf(x));
-}
 
 /* Whether row b of the reset mask has a reset at some step in (lo, hi]. */
 static __device__ __forceinline__ int reset_in(const if_params &p, int b, int lo, int hi) {
@@ -481,6 +405,7 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p
 static unsigned *g_bar[MX_MAX_CUDA_DEVICES];
 static int g_smem_set[MX_MAX_CUDA_DEVICES];
 static int g_max_blocks[MX_MAX_CUDA_DEVICES];
+static int g_smem_optin[MX_MAX_CUDA_DEVICES];
 
 static int check_args(const mx_infer_args *a, mx_err *err) {
   if (a->n_layers < 1 || a->n_layers > MX_INFER_MAX_LAYERS)
@@ -496,6 +421,10 @@ static int check_args(const mx_infer_args *a, mx_err *err) {
       a->dt_rank < 1 || a->outputs < 1 || a->outputs > (1 << 20))
     return mx_cuda_fail(err, MX_E_ARG, "infer: d_state 1..%d, d_conv 1..%d, dt_rank >= 1 required",
                         IF_MAX_N, IF_MAX_W);
+  if (a->blocks < 0 || a->step_channels < -1 || a->step_channels > 64 ||
+      (a->blocks > 0 && a->step_channels > 0))
+    return mx_cuda_fail(err, MX_E_ARG,
+                        "infer: blocks >= 0 and step_channels -1..64 required, not both set");
   return MX_OK;
 }
 
@@ -504,8 +433,8 @@ static size_t scratch_floats(const mx_infer_args *a) {
   return R * ((size_t)a->d_model + 4 * (size_t)a->d_inner + (size_t)(a->dt_rank + 2 * a->d_state));
 }
 
-/* Kernel parameters from the arguments; scratch carved from `scratch`. */
-static void fill_params(if_params *p, const mx_infer_args *a, float *scratch, unsigned *bar) {
+/* Kernel parameters from the arguments (scratch pointers set later). */
+static void fill_params(if_params *p, const mx_infer_args *a, unsigned *bar) {
   memset(p, 0, sizeof *p);
   p->B = (int)a->batch;
   p->L = (int)a->len;
@@ -531,19 +460,6 @@ static void fill_params(if_params *p, const mx_infer_args *a, float *scratch, un
   p->x = (const float *)a->x;
   p->reset = a->reset;
   p->out = (float *)a->out;
-  const size_t R = (size_t)(a->batch * a->len);
-  float *s = scratch;
-  p->s = s;
-  s += R * a->d_model;
-  p->xi = s;
-  s += R * a->d_inner;
-  p->z = s;
-  s += R * a->d_inner;
-  p->xc = s;
-  s += R * a->d_inner;
-  p->y = s;
-  s += R * a->d_inner;
-  p->dbc = s;
   p->bar = bar;
   for (int l = 0; l < a->n_layers; l++) {
     const mx_infer_layer *q = &a->layers[l];
@@ -566,8 +482,9 @@ static void fill_params(if_params *p, const mx_infer_args *a, float *scratch, un
   }
 }
 
-/* Per-device set-up under d->mu: the barrier words, the shared-memory
- * attribute, the co-resident block limit. */
+/* Per-device set-up under d->mu: the barrier words, the general kernel's
+ * shared-memory attribute and co-resident block limit, the opt-in shared
+ * memory a block may have. */
 static int infer_setup(mx_cuda_dev *d, mx_err *err) {
   const int i = d->index;
   if (!g_bar[i]) {
@@ -586,24 +503,86 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
     int per_sm = 0;
     MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_kernel, IF_THREADS, bytes));
     if (per_sm < 1) return mx_cuda_fail(err, MX_E_RUNTIME, "infer: the kernel does not fit on an SM");
+    int optin = 0;
+    MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, i));
+    g_smem_optin[i] = optin;
     g_max_blocks[i] = per_sm * d->sm_count;
     g_smem_set[i] = bytes;
   }
   return MX_OK;
 }
 
-static unsigned pick_blocks(const mx_cuda_dev *d, const mx_infer_args *a) {
-  /* default: one block per SM for a few rows (the phases are latency
-   * chains), every co-resident block for many */
-  int want = a->blocks > 0 ? a->blocks : (a->batch * a->len <= IF_TR ? d->sm_count : g_max_blocks[d->index]);
-  if (want > g_max_blocks[d->index]) want = g_max_blocks[d->index];
-  if (want < 1) want = 1;
-  return (unsigned)want;
+/* How one call runs: which kernel, its parameters and grid. */
+typedef struct {
+  if_params p;
+  int step;         /* 1: the step kernel (infer_step.cu) */
+  unsigned blocks;  /* the general kernel's grid */
+  size_t scratch;   /* floats of device scratch */
+} if_run;
+
+/* Chooses the kernel under d->mu (after infer_setup). The step kernel runs
+ * one step of at most IS_MAX_ROWS rows when its slices fit; blocks > 0 or
+ * step_channels == -1 ask for the general kernel, step_channels > 0 for the
+ * step kernel with that many channels per block. */
+static int configure(mx_cuda_dev *d, const mx_infer_args *a, if_run *run, mx_err *err) {
+  fill_params(&run->p, a, g_bar[d->index]);
+  run->step = 0;
+  if (a->blocks == 0 && a->step_channels >= 0) {
+    const char *why = NULL;
+    int ok = infer_step_configure(&run->p, a->step_channels, d->sm_count,
+                                  (size_t)g_smem_optin[d->index], &why) == 0;
+    if (ok) {
+      int max_blocks = 0;
+      const int rc = infer_step_setup(d, (size_t)run->p.sl.total * sizeof(float), &max_blocks, err);
+      if (rc != MX_OK) return rc;
+      if (run->p.groups > max_blocks) {
+        ok = 0;
+        why = "its blocks cannot all be resident";
+      }
+    }
+    if (ok) run->step = 1;
+    else if (a->step_channels > 0)
+      return mx_cuda_fail(err, MX_E_ARG, "infer: step_channels %d cannot be used: %s", a->step_channels, why);
+  }
+  if (run->step) {
+    run->scratch = infer_step_scratch_floats(&run->p);
+  } else {
+    int want = a->blocks > 0 ? a->blocks
+                             : (a->batch * a->len <= IF_TR ? d->sm_count : g_max_blocks[d->index]);
+    if (want > g_max_blocks[d->index]) want = g_max_blocks[d->index];
+    run->blocks = (unsigned)(want < 1 ? 1 : want);
+    run->scratch = scratch_floats(a);
+  }
+  return MX_OK;
 }
 
-static int launch(mx_cuda_dev *d, const if_params *p, unsigned blocks, cudaStream_t stream, mx_err *err) {
+/* Carves the kernel's scratch out of `scratch` (run->scratch floats). */
+static void set_scratch(if_run *run, float *scratch) {
+  if_params *p = &run->p;
+  if (run->step) {
+    p->part_s = scratch;
+    p->part_x = scratch + (size_t)p->groups * p->B * p->DM;
+    return;
+  }
+  const size_t R = (size_t)p->B * p->L;
+  float *s = scratch;
+  p->s = s;
+  s += R * p->DM;
+  p->xi = s;
+  s += R * p->DI;
+  p->z = s;
+  s += R * p->DI;
+  p->xc = s;
+  s += R * p->DI;
+  p->y = s;
+  s += R * p->DI;
+  p->dbc = s;
+}
+
+static int launch(mx_cuda_dev *d, const if_run *run, cudaStream_t stream, mx_err *err) {
+  if (run->step) return infer_step_launch(d, &run->p, stream, err);
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
+  cfg.gridDim = dim3(run->blocks);
   cfg.blockDim = dim3(IF_THREADS);
   cfg.dynamicSmemBytes = (size_t)g_smem_set[d->index];
   cfg.stream = stream;
@@ -612,7 +591,7 @@ static int launch(mx_cuda_dev *d, const if_params *p, unsigned blocks, cudaStrea
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel, *p));
+  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel, run->p));
 }
 
 extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {
@@ -623,13 +602,14 @@ extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {
   rc = mx_cuda_begin(dev, err, &d);
   if (rc != MX_OK) return rc;
   rc = infer_setup(d, err);
+  if_run run;
+  if (rc == MX_OK) rc = configure(d, a, &run, err);
   float *scratch = NULL;
   if (rc == MX_OK)
-    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&scratch, scratch_floats(a) * sizeof(float), d->stream));
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&scratch, run.scratch * sizeof(float), d->stream));
   if (rc == MX_OK) {
-    if_params p;
-    fill_params(&p, a, scratch, g_bar[d->index]);
-    rc = launch(d, &p, pick_blocks(d, a), d->stream, err);
+    set_scratch(&run, scratch);
+    rc = launch(d, &run, d->stream, err);
   }
   if (scratch) {
     mx_err ignored;
@@ -642,17 +622,17 @@ extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {
 
 /* ------------------------------------------------------------------ plans */
 
+/* A plan's frame and logits live in mapped pinned host memory that the
+ * kernel reads and writes directly (no copy nodes): one replay is one
+ * kernel. */
 typedef struct {
   int dev;
   size_t in_bytes, out_bytes;
-  void *host_in, *host_out; /* pinned */
-  void *dev_in;             /* frames then reset bytes */
-  float *dev_out;
+  void *host_in, *host_out; /* pinned, mapped */
   float *scratch;
   cudaGraphExec_t exec;     /* NULL: replay by direct launches */
   cudaEvent_t done;
-  if_params p;
-  unsigned blocks;
+  if_run run;
 } if_plan;
 
 static void plan_release(mx_cuda_dev *d, if_plan *pl) {
@@ -661,27 +641,14 @@ static void plan_release(mx_cuda_dev *d, if_plan *pl) {
     cudaEventDestroy(pl->done);
   }
   if (pl->exec) cudaGraphExecDestroy(pl->exec);
-  if (d) {
-    if (pl->dev_in) cudaFreeAsync(pl->dev_in, d->stream);
-    if (pl->dev_out) cudaFreeAsync(pl->dev_out, d->stream);
-    if (pl->scratch) cudaFreeAsync(pl->scratch, d->stream);
-  }
+  if (d && pl->scratch) cudaFreeAsync(pl->scratch, d->stream);
   if (pl->host_in) cudaFreeHost(pl->host_in);
   if (pl->host_out) cudaFreeHost(pl->host_out);
   cudaGetLastError();
   free(pl);
 }
 
-/* The frame upload, the kernel and the logits download on `stream`. */
-static int plan_enqueue(mx_cuda_dev *d, if_plan *pl, cudaStream_t stream, mx_err *err) {
-  MX_CUDA_TRY(d, err, cudaMemcpyAsync(pl->dev_in, pl->host_in, pl->in_bytes, cudaMemcpyHostToDevice, stream));
-  int rc = launch(d, &pl->p, pl->blocks, stream, err);
-  if (rc != MX_OK) return rc;
-  MX_CUDA_TRY(d, err, cudaMemcpyAsync(pl->host_out, pl->dev_out, pl->out_bytes, cudaMemcpyDeviceToHost, stream));
-  return MX_OK;
-}
-
-/* Records plan_enqueue into a graph on a private stream; 0 with pl->exec
+/* Records the kernel into a graph on a private stream; 0 with pl->exec
  * set, or non-zero (the caller replays by direct launches). */
 static int plan_capture(mx_cuda_dev *d, if_plan *pl) {
   cudaStream_t cs = NULL;
@@ -693,7 +660,7 @@ static int plan_capture(mx_cuda_dev *d, if_plan *pl) {
   }
   int ok = 0;
   if (cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
-    const int rc = plan_enqueue(d, pl, cs, &e);
+    const int rc = launch(d, &pl->run, cs, &e);
     const cudaError_t ec = cudaStreamEndCapture(cs, &graph);
     if (rc == MX_OK && ec == cudaSuccess && graph &&
         cudaGraphInstantiate(&pl->exec, graph, 0) == cudaSuccess)
@@ -730,24 +697,25 @@ extern "C" int mx_cuda_infer_plan_new(int dev, const mx_infer_args *a, void **pl
     return rc;
   }
   rc = infer_setup(d, err);
-  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMallocHost(&pl->host_in, pl->in_bytes));
-  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMallocHost(&pl->host_out, pl->out_bytes));
-  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMallocAsync(&pl->dev_in, pl->in_bytes, d->stream));
+  if (rc == MX_OK) rc = configure(d, a, &pl->run, err);
+  const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable;
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaHostAlloc(&pl->host_in, pl->in_bytes, flags));
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaHostAlloc(&pl->host_out, pl->out_bytes, flags));
+  void *dev_in = NULL, *dev_out = NULL;
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaHostGetDevicePointer(&dev_in, pl->host_in, 0));
+  if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaHostGetDevicePointer(&dev_out, pl->host_out, 0));
   if (rc == MX_OK)
-    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&pl->dev_out, pl->out_bytes, d->stream));
-  if (rc == MX_OK)
-    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&pl->scratch, scratch_floats(a) * sizeof(float), d->stream));
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&pl->scratch, pl->run.scratch * sizeof(float), d->stream));
   if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaEventCreateWithFlags(&pl->done, cudaEventDisableTiming));
   /* the device buffers must exist before a capture on another stream uses them */
   if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaStreamSynchronize(d->stream));
   if (rc == MX_OK) {
     memset(pl->host_in, 0, pl->in_bytes);
-    mx_infer_args b = *a;
-    b.x = pl->dev_in;
-    b.reset = (const uint8_t *)pl->dev_in + B * (size_t)a->features * sizeof(float);
-    b.out = pl->dev_out;
-    fill_params(&pl->p, &b, pl->scratch, g_bar[d->index]);
-    pl->blocks = pick_blocks(d, a);
+    memset(pl->host_out, 0, pl->out_bytes);
+    pl->run.p.x = (const float *)dev_in;
+    pl->run.p.reset = (const uint8_t *)dev_in + B * (size_t)a->features * sizeof(float);
+    pl->run.p.out = (float *)dev_out;
+    set_scratch(&pl->run, pl->scratch);
     (void)plan_capture(d, pl);
   }
   if (rc != MX_OK) {
@@ -759,7 +727,7 @@ extern "C" int mx_cuda_infer_plan_new(int dev, const mx_infer_args *a, void **pl
   *plan = pl;
   *host_in = pl->host_in;
   *host_out = pl->host_out;
-  *device_bytes = pl->in_bytes + pl->out_bytes + scratch_floats(a) * sizeof(float);
+  *device_bytes = pl->run.scratch * sizeof(float);
   return MX_OK;
 }
 
@@ -770,7 +738,7 @@ extern "C" int mx_cuda_infer_plan_run(int dev, void *plan, mx_err *err) {
   int rc = mx_cuda_begin(dev, err, &d);
   if (rc != MX_OK) return rc;
   if (pl->exec) rc = MX_CUDA_CALL(d, err, cudaGraphLaunch(pl->exec, d->stream));
-  else rc = plan_enqueue(d, pl, d->stream, err);
+  else rc = launch(d, &pl->run, d->stream, err);
   if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaEventRecord(pl->done, d->stream));
   mx_cuda_unlock(d);
   if (rc != MX_OK) return rc;
@@ -786,7 +754,10 @@ extern "C" void mx_cuda_infer_plan_free(int dev, void *plan) {
   plan_release(d, pl);
 }
 
-/* Whether plans replay a CUDA graph (tests and benchmarks report it). */
-extern "C" int mx_cuda_infer_plan_graphed(const void *plan) {
-  return plan && ((const if_plan *)plan)->exec != NULL;
+/* Whether a plan replays a CUDA graph and runs the step kernel (tests and
+ * benchmarks report it). */
+extern "C" int mx_cuda_infer_plan_flags(const void *plan) {
+  const if_plan *pl = (const if_plan *)plan;
+  if (!pl) return 0;
+  return (pl->exec ? MX_PLAN_GRAPHED : 0) | (pl->run.step ? MX_PLAN_STEP_KERNEL : 0);
 }

@@ -7,11 +7,14 @@
  *     -> {out, [{conv, ssm}, ...]}            when in_place is false
  *   infer_plan_new(cfg, top, layers, states)  -> plan reference
  *   infer_plan_step(plan, frames, resets)     -> logits binary
- *   infer_plan_info(plan)                     -> {batch, graphed, device_bytes}
+ *   infer_plan_info(plan)                     -> {batch, graphed, device_bytes, live, kernel}
  *   infer_plan_free(plan)                     -> :ok
  *
  * cfg = {features, d_model, d_inner, d_state, d_conv, dt_rank, outputs, eps,
- * blocks}; top = [in_w, in_b, norm_f_w, head_w, head_b]; layers = one list
+ * blocks, step_channels} (blocks > 0: the general kernel with that many
+ * blocks; step_channels > 0: the step kernel with that many channels a
+ * block, -1: never the step kernel; 0, 0: the backend's choice); kernel
+ * is :step or :general; top = [in_w, in_b, norm_f_w, head_w, head_b]; layers = one list
  * per layer of [norm_w, in_x_w, in_z_w, conv_w, conv_b, x_proj_w, dt_w,
  * dt_b, a_log, d, out_w] (shapes in backend.h, mx_infer_layer); x
  * {B, L, features}; reset nil or {B, L} {:u, 8}; states nil (zeros; not
@@ -148,9 +151,9 @@ static ERL_NIF_TERM parse_model(ErlNifEnv *env, const char *op, const ERL_NIF_TE
   mx_infer_args *a = &c->a;
   const ERL_NIF_TERM *cf;
   int arity;
-  if (!enif_get_tuple(env, argv[0], &arity, &cf) || arity != 9)
-    FAIL("cfg must be {features, d_model, d_inner, d_state, d_conv, dt_rank, outputs, eps, blocks}, "
-         "got: %.200T", argv[0]);
+  if (!enif_get_tuple(env, argv[0], &arity, &cf) || arity != 10)
+    FAIL("cfg must be {features, d_model, d_inner, d_state, d_conv, dt_rank, outputs, eps, blocks, "
+         "step_channels}, got: %.200T", argv[0]);
   static const char *const CFG[7] = {"features", "d_model", "d_inner", "d_state",
                                      "d_conv", "dt_rank", "outputs"};
   static const int64_t MAXV[7] = {MX_INFER_MAX_K, MX_INFER_MAX_K, MX_INFER_MAX_K, 32, 8,
@@ -179,6 +182,12 @@ static ERL_NIF_TERM parse_model(ErlNifEnv *env, const char *op, const ERL_NIF_TE
   if (!enif_get_int(env, cf[8], &blocks) || blocks < 0 || blocks > 4096)
     FAIL("blocks must be an integer in 0..4096, got: %.100T", cf[8]);
   a->blocks = blocks;
+  int step_channels;
+  if (!enif_get_int(env, cf[9], &step_channels) || step_channels < -1 || step_channels > 64)
+    FAIL("step_channels must be an integer in -1..64, got: %.100T", cf[9]);
+  if (blocks > 0 && step_channels > 0)
+    FAIL("blocks (%d) and step_channels (%d) choose different kernels: set one", blocks, step_channels);
+  a->step_channels = step_channels;
 
   unsigned n;
   if (!enif_get_list_length(env, argv[1], &n) || n != NTOP)
@@ -494,12 +503,14 @@ ERL_NIF_TERM nif_infer_plan_info(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     return raise_arg(env, "infer_plan_info", "plan must be a plan reference, got: %.100T", argv[0]);
   enif_mutex_lock(p->mu);
   const mx_backend *be = mx_backend_for(p->slot);
-  const int graphed = p->plan && be && be->infer_plan_graphed ? be->infer_plan_graphed(p->plan) : 0;
+  const int flags = p->plan && be && be->infer_plan_flags ? be->infer_plan_flags(p->plan) : 0;
   const int live = p->plan != NULL;
   const size_t bytes = live ? p->device_bytes : 0;
   enif_mutex_unlock(p->mu);
-  return enif_make_tuple4(env, enif_make_int64(env, p->batch), graphed ? A_TRUE : A_FALSE,
-                          enif_make_uint64(env, bytes), live ? A_TRUE : A_FALSE);
+  return enif_make_tuple5(env, enif_make_int64(env, p->batch),
+                          (flags & MX_PLAN_GRAPHED) ? A_TRUE : A_FALSE, enif_make_uint64(env, bytes),
+                          live ? A_TRUE : A_FALSE,
+                          enif_make_atom(env, (flags & MX_PLAN_STEP_KERNEL) ? "step" : "general"));
 }
 
 ERL_NIF_TERM nif_infer_plan_free(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {

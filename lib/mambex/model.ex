@@ -284,10 +284,12 @@ defmodule Mambex.Model do
 
   @doc false
   # {cfg, top, layers} of the fused NIFs.
-  def fused_args(%__MODULE__{config: cfg, params: p}, blocks) do
+  # blocks > 0: the general kernel with that many blocks; step_channels > 0:
+  # the step kernel with that many channels a block, -1: never it.
+  def fused_args(%__MODULE__{config: cfg, params: p}, blocks, step_channels \\ 0) do
     %{d_inner: di, d_state: n, d_conv: w, dt_rank: r} = cfg.block
 
-    cfg_t = {cfg.features, cfg.d_model, di, n, w, r, cfg.outputs, cfg.eps, blocks}
+    cfg_t = {cfg.features, cfg.d_model, di, n, w, r, cfg.outputs, cfg.eps, blocks, step_channels}
     top = [p["in.weight"], p["in.bias"], p["norm_f.weight"], p["head.weight"], p["head.bias"]]
 
     layers =

@@ -14,9 +14,9 @@ defmodule Mambex.Stepper do
 
   On a CUDA device with a model that `Mambex.Model.fused?/1` accepts and a
   batch of at most 8 (or with `fused: true`), the stepper holds a captured
-  plan: the frame upload, the whole model's step
-  (one persistent kernel) and the logits download recorded once as a CUDA
-  graph and replayed per frame, so a frame is one NIF call. Elsewhere (the
+  plan: the whole model's step (one persistent kernel, which reads the
+  frame from and writes the logits to pinned host memory) recorded once as
+  a CUDA graph and replayed per frame, so a frame is one NIF call. Elsewhere (the
   CPU, other types) it runs `Mambex.Model.step/4` op by op. Either way the
   logits are those of `Mambex.Model.forward/3` over the sequence so far (up
   to rounding).
@@ -36,7 +36,7 @@ defmodule Mambex.Stepper do
   @graph_rows 8
 
   @enforce_keys [:model, :batch, :mode]
-  defstruct [:model, :batch, :mode, :plan, :state, :blocks, fused: :auto]
+  defstruct [:model, :batch, :mode, :plan, :state, blocks: 0, step_channels: 0, fused: :auto]
 
   @type t :: %__MODULE__{
           model: Model.t(),
@@ -44,7 +44,8 @@ defmodule Mambex.Stepper do
           mode: :graph | :ops,
           plan: reference() | nil,
           state: Model.State.t(),
-          blocks: non_neg_integer()
+          blocks: non_neg_integer(),
+          step_channels: integer()
         }
 
   @doc """
@@ -53,18 +54,23 @@ defmodule Mambex.Stepper do
   Options: `:state` — a `Mambex.Model.State` of that batch to start from
   (copied; the given one is not changed); `:fused` — `:auto` (the default:
   the captured plan where possible and the batch is at most 8), `true` (insist: ArgumentError where
-  impossible) or `false` (op by op); `:blocks` — persistent blocks of the
-  fused kernel (0, the default, lets the backend choose; for tuning).
+  impossible) or `false` (op by op). For tuning (the defaults, 0, let the
+  backend choose): `:blocks` — run the general fused kernel with this many
+  persistent blocks; `:step_channels` — run the step kernel (batch <= 8)
+  with this many channels of `d_inner` per block, or -1 for never.
   """
   @spec new(Model.t(), pos_integer(), keyword()) :: t()
   def new(%Model{} = model, batch, opts \\ []) do
-    opts = Keyword.validate!(opts, [:state, fused: :auto, blocks: 0])
+    opts = Keyword.validate!(opts, [:state, fused: :auto, blocks: 0, step_channels: 0])
 
     unless is_integer(batch) and batch >= 1,
       do: raise(ArgumentError, "Stepper.new: batch must be a positive integer, got: #{inspect(batch)}")
 
     unless is_integer(opts[:blocks]) and opts[:blocks] in 0..4096,
       do: raise(ArgumentError, "Stepper.new: :blocks must be an integer in 0..4096, got: #{inspect(opts[:blocks])}")
+
+    unless is_integer(opts[:step_channels]) and opts[:step_channels] in -1..64,
+      do: raise(ArgumentError, "Stepper.new: :step_channels must be an integer in -1..64, got: #{inspect(opts[:step_channels])}")
 
     unless opts[:fused] in [:auto, true, false],
       do: raise(ArgumentError, "Stepper.new: :fused must be :auto, true or false, got: #{inspect(opts[:fused])}")
@@ -73,7 +79,15 @@ defmodule Mambex.Stepper do
       do: raise(ArgumentError, "Stepper.new: fused: true needs a CUDA {:f, 32} model within the fused limits (see Model.fused?/1)")
 
     state = initial_state(model, batch, opts[:state])
-    with_mode(%__MODULE__{model: model, batch: batch, mode: :ops, state: state, blocks: opts[:blocks], fused: opts[:fused]})
+    with_mode(%__MODULE__{
+      model: model,
+      batch: batch,
+      mode: :ops,
+      state: state,
+      blocks: opts[:blocks],
+      step_channels: opts[:step_channels],
+      fused: opts[:fused]
+    })
   end
 
   # Picks the plan or the op path for the stepper's batch (capturing a plan).
@@ -107,8 +121,8 @@ defmodule Mambex.Stepper do
   defp initial_state(_model, batch, other),
     do: raise(ArgumentError, "Stepper.new: :state must be a Mambex.Model.State of batch #{batch}, got: #{inspect(other, limit: 5)}")
 
-  defp capture(%__MODULE__{model: model, state: state, blocks: blocks} = s) do
-    {cfg_t, top, layers} = Model.fused_args(model, blocks)
+  defp capture(%__MODULE__{model: model, state: state, blocks: blocks, step_channels: sc} = s) do
+    {cfg_t, top, layers} = Model.fused_args(model, blocks, sc)
     %{s | plan: NIF.infer_plan_new(cfg_t, top, layers, state.layers)}
   end
 
@@ -186,17 +200,18 @@ defmodule Mambex.Stepper do
   def state(%__MODULE__{state: state}), do: state
 
   @doc """
-  `%{mode: :graph | :ops, batch:, graphed:, device_bytes:}`: `graphed` is
-  false when the driver refused to record the plan as a CUDA graph (the
-  plan then enqueues its three operations per frame).
+  `%{mode: :graph | :ops, batch:, graphed:, device_bytes:, kernel:}`:
+  `graphed` is false when the driver refused to record the plan as a CUDA
+  graph (the plan then launches its kernel per frame); `kernel` is `:step`
+  (the kernel for one step of a few rows), `:general` or, op by op, `nil`.
   """
   @spec info(t()) :: map()
   def info(%__MODULE__{mode: :graph, plan: plan, batch: b}) do
-    {^b, graphed, bytes, _live} = NIF.infer_plan_info(plan)
-    %{mode: :graph, batch: b, graphed: graphed, device_bytes: bytes}
+    {^b, graphed, bytes, _live, kernel} = NIF.infer_plan_info(plan)
+    %{mode: :graph, batch: b, graphed: graphed, device_bytes: bytes, kernel: kernel}
   end
 
-  def info(%__MODULE__{mode: :ops, batch: b}), do: %{mode: :ops, batch: b, graphed: false, device_bytes: 0}
+  def info(%__MODULE__{mode: :ops, batch: b}), do: %{mode: :ops, batch: b, graphed: false, device_bytes: 0, kernel: nil}
 
   @doc "Releases the plan's device memory now (the stepper cannot step after it)."
   @spec free(t()) :: :ok

@@ -1,0 +1,130 @@
+/*
+ * infer_common.cuh: what the two fused-inference kernels share: the kernel
+ * parameters, the grid barrier and small math helpers. infer.cu has the
+ * general kernel (any rows) and the host side (dispatch, plans);
+ * infer_step.cu the step kernel (len 1, a few rows).
+ *
+ * Invariants of the grid barrier: every block of the grid is co-resident
+ * (cooperative launch); bar = {arrivals, exits} in device memory, zero
+ * whenever no fused kernel runs (the last block out of a kernel zeroes
+ * both); only one fused kernel runs at a time per device (they are all on
+ * its one stream).
+ */
+#ifndef MAMBEX_INFER_COMMON_CUH
+#define MAMBEX_INFER_COMMON_CUH
+
+#include <math.h>
+#include <stdint.h>
+
+#include "cuda_ops.h"
+
+#define IF_THREADS 256 /* threads of a block, both kernels */
+#define IF_MAX_N 32    /* d_state limit of the fused path */
+#define IF_MAX_W 8     /* d_conv limit */
+
+typedef struct {
+  const float *norm_w, *in_x_w, *in_z_w, *conv_w, *conv_b, *x_proj_w, *dt_w, *dt_b, *a_log, *d,
+      *out_w;
+  const float *conv_in, *ssm_in;
+  float *conv_out, *ssm_out;
+} if_layer;
+
+/* Shared-memory layout of the step kernel, offsets in floats: per layer
+ * slot (a group's slice of one layer's weights), then the slices of the
+ * input projection and head, then the activations. */
+typedef struct {
+  /* within a slot */
+  int w_in, w_x, w_dt, w_out, conv_w, conv_b, dt_b, a_log, d, norm_w, slot;
+  /* after nslots slots */
+  int nslots, w_inp, w_head, norm_f, s, act, xz, xc, dbc, delta, y, cst, rstd, rst, red, total;
+} is_layout;
+
+typedef struct {
+  int B, L, F, DM, DI, N, W, RK, O, NL;
+  int lp;   /* lanes per scan channel (power of two >= N, <= 32) */
+  int tt;   /* scan steps staged per chunk (fits IF_SMEM_FLOATS) */
+  float eps;
+  const float *in_w, *in_b, *norm_f_w, *head_w, *head_b;
+  const float *x;
+  const uint8_t *reset;
+  float *out;
+  /* scratch (R rows each) */
+  float *s, *xi, *z, *xc, *dbc, *y;
+  unsigned *bar;
+  if_layer layer[MX_INFER_MAX_LAYERS];
+  /* the step kernel (infer_step.cu) only */
+  int cpb;      /* channels per group (block) */
+  int groups;   /* ceil(DI / cpb) = the grid */
+  int fpg;      /* input features per group (the input projection's K split) */
+  int cpo;      /* head outputs per group */
+  is_layout sl; /* its shared-memory layout */
+  float *part_s, *part_x; /* per-group partial sums: (groups, B, DM), (groups, B, RK + 2N) */
+} if_params;
+
+/* ---------------------------------------------------------------- barrier */
+
+static __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+/* All blocks of the grid meet here. bar[0] counts arrivals and only grows
+ * during a kernel: the block that gets arrival number a waits until the
+ * count reaches the end of a's round, (a / nblocks + 1) * nblocks (every
+ * kernel starts from 0, so rounds are whole). One atomic and one poll per
+ * barrier; the last arriver does not wait at all. */
+static __device__ __forceinline__ void grid_barrier(unsigned *bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned nb = gridDim.x;
+    __threadfence();
+    const unsigned a = atomicAdd(&bar[0], 1u);
+    const unsigned target = (a / nb + 1) * nb;
+    if (a + 1 != target) {
+      while (ld_acquire(&bar[0]) < target) {
+      }
+    }
+  }
+  __syncthreads();
+}
+
+/* At the end of the kernel: the last block out (every block has left every
+ * barrier by then) zeroes the counters for the next kernel on the stream. */
+static __device__ __forceinline__ void grid_exit(unsigned *bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned a = atomicAdd(&bar[1], 1u);
+    if (a + 1 == gridDim.x) {
+      atomicExch(&bar[0], 0u);
+      atomicExch(&bar[1], 0u);
+    }
+  }
+}
+
+/* ----------------------------------------------------------------- helpers */
+
+static __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+
+static __device__ __forceinline__ float softplus_f(float x) {
+  return x > 20.0f ? x : log1pf(expf(x));
+}
+
+/* ------------------------------------------------------ the step kernel */
+
+#define IS_MAX_ROWS 8 /* rows (batch) the step kernel takes */
+
+/* Fills p's step fields (p's sizes already set) for `channels` per group
+ * (0: the choice of infer_step.cu) within `max_blocks` co-resident blocks
+ * and `max_smem` bytes of shared memory a block; 0 when the step kernel can
+ * run, else 1 (it does not apply or fit; *why says why). */
+int infer_step_configure(if_params *p, int channels, int max_blocks, size_t max_smem, const char **why);
+/* Scratch floats the step kernel needs after the general scratch. */
+size_t infer_step_scratch_floats(const if_params *p);
+/* Launches the step kernel on `stream` (cooperative, p->groups blocks). */
+int infer_step_launch(mx_cuda_dev *d, const if_params *p, cudaStream_t stream, mx_err *err);
+/* The step kernel's attribute set-up under d->mu; its co-resident limit for
+ * `smem` bytes into *max_blocks. */
+int infer_step_setup(mx_cuda_dev *d, size_t smem, int *max_blocks, mx_err *err);
+
+#endif
