@@ -45,6 +45,26 @@
 
 #include "infer_common.cuh"
 
+/* ---------------------------------------------------------------- trace */
+
+/* Built with -DMX_INFER_TRACE (bench/cuda/infer_harness.c's probe build
+ * only): thread 0 of every block stamps the SM clock at each phase edge
+ * into g_trace[block][event]; mx_infer_step_trace copies them out. */
+#ifdef MX_INFER_TRACE
+#define IS_TRACE_EVENTS 64
+static __device__ long long g_trace[1024][IS_TRACE_EVENTS];
+#define TRACE(ev)                                                      \
+  do {                                                                 \
+    if (threadIdx.x == 0 && (ev) < IS_TRACE_EVENTS && blockIdx.x < 1024) \
+      g_trace[blockIdx.x][(ev)] = clock64();                           \
+  } while (0)
+extern "C" __attribute__((visibility("default"))) int mx_infer_step_trace(long long *host, int blocks) {
+  return cudaMemcpyFromSymbol(host, g_trace, sizeof(long long) * IS_TRACE_EVENTS * blocks) != cudaSuccess;
+}
+#else
+#define TRACE(ev) ((void)0)
+#endif
+
 /* ------------------------------------------------------------- cp.async */
 
 static __device__ __forceinline__ void cp4(float *dst, const float *src, int valid) {
@@ -379,6 +399,7 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_step_kernel(if_par
   extern __shared__ float sm[];
   const int g = blockIdx.x, R = p.B;
   float *slot0 = sm, *slot1 = sm + p.sl.slot;
+  TRACE(0);
   /* weights: the top slices, layer 0, layer 1 (or nothing): three groups */
   stage_top(p, g, sm);
   cp_commit();
@@ -387,11 +408,14 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_step_kernel(if_par
   if (p.NL > 1) stage_layer(p, &p.layer[1], g, slot1);
   cp_commit();
   float h[IS_MAX_ROWS];
+  TRACE(1);
   phase_in(p, sm, g, R);
+  TRACE(2);
   for (int l = 0; l < p.NL; l++) {
     const if_layer *ly = &p.layer[l];
     float *slot = (l & 1) ? slot1 : slot0;
     grid_barrier(p.bar);
+    TRACE(3 + 6 * l);
     if (l >= 1) {
       /* layer l + 1 into the slot layer l - 1 used (read before the barrier) */
       if (l + 1 < p.NL) stage_layer(p, &p.layer[l + 1], g, (l & 1) ? slot0 : slot1);
@@ -399,12 +423,18 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_step_kernel(if_par
     }
     cp_wait<1>(); /* everything but the newest group: layer l is in */
     __syncthreads();
+    TRACE(4 + 6 * l);
     phase_a(p, ly, slot, sm, g, l, R, h);
+    TRACE(5 + 6 * l);
     grid_barrier(p.bar);
+    TRACE(6 + 6 * l);
     phase_b(p, ly, slot, sm, g, R, h);
+    TRACE(7 + 6 * l);
   }
   grid_barrier(p.bar);
+  TRACE(3 + 6 * p.NL);
   phase_head(p, sm, g, R);
+  TRACE(4 + 6 * p.NL);
   grid_exit(p.bar);
 }
 

@@ -1,0 +1,170 @@
+/*
+ * infer_harness.c: times fused inference (backend.h `infer`) of the
+ * DESIGN.md §7 model (features 256, d_model 256, d_inner 512, d_state 16,
+ * d_conv 4, dt_rank 16, 64 outputs) outside the BEAM, through the backend
+ * table of a mambex_cuda.so, with device events around each call (after a
+ * spinning kernel, so the events see device time only).
+ *
+ *   cc -O2 -std=gnu11 -o /tmp/infer_harness bench/cuda/infer_harness.c -ldl -lm
+ *   /tmp/infer_harness priv/mambex_cuda.so [layers] [batch] [runs]
+ *
+ * Prints one line per kernel choice: the median device time of one step.
+ * With a library built with -DMX_INFER_TRACE (bench/gpu/infer_probe.sh) it
+ * also prints where the step kernel's time goes: per phase edge, the SM
+ * cycles since the kernel's start (block 0, and the latest block).
+ */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../c_src/core/backend.h"
+
+static const mx_backend *G;
+static mx_err E;
+
+#define OK(call)                                                                   \
+  do {                                                                             \
+    if ((call) != MX_OK) {                                                         \
+      fprintf(stderr, "%s:%d %s failed: %s\n", __FILE__, __LINE__, #call, E.msg); \
+      exit(1);                                                                     \
+    }                                                                              \
+  } while (0)
+
+static uint64_t g_seed = 1;
+
+static void *dev_uniform(size_t n, double a, double b) {
+  void *p;
+  OK(G->alloc(0, n * 4, &p, &E));
+  OK(G->random(0, MX_F32, p, n, g_seed++, MX_UNIFORM, a, b, &E));
+  return p;
+}
+
+static int cmp(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+static double time_infer(mx_infer_args *a, int runs) {
+  double *t = malloc(sizeof(double) * runs);
+  for (int r = -5; r < runs; r++) {
+    void *e0, *e1;
+    double us;
+    OK(G->spin(0, 200, &E));
+    OK(G->event_record(0, &e0, &E));
+    OK(G->infer(0, a, &E));
+    OK(G->event_record(0, &e1, &E));
+    OK(G->event_elapsed(0, e0, e1, &us, &E));
+    G->event_destroy(0, e0);
+    G->event_destroy(0, e1);
+    if (r >= 0) t[r] = us;
+  }
+  qsort(t, runs, sizeof(double), cmp);
+  const double m = t[runs / 2];
+  free(t);
+  return m;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    fprintf(stderr, "usage: %s mambex_cuda.so [layers] [batch] [runs]\n", argv[0]);
+    return 2;
+  }
+  void *so = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!so) {
+    fprintf(stderr, "dlopen: %s\n", dlerror());
+    return 1;
+  }
+  mx_backend_get_fn get = (mx_backend_get_fn)dlsym(so, "mx_cuda_backend_get");
+  G = get ? get(MX_BACKEND_ABI) : NULL;
+  if (!G) {
+    fprintf(stderr, "no backend table (ABI %d)\n", MX_BACKEND_ABI);
+    return 1;
+  }
+  int (*trace)(long long *, int) = (int (*)(long long *, int))dlsym(so, "mx_infer_step_trace");
+  const int NL = argc > 2 ? atoi(argv[2]) : 2, B = argc > 3 ? atoi(argv[3]) : 1,
+            runs = argc > 4 ? atoi(argv[4]) : 200;
+  const int F = 256, DM = 256, DI = 512, N = 16, W = 4, RK = 16, O = 64;
+
+  mx_infer_args a;
+  memset(&a, 0, sizeof a);
+  a.batch = B;
+  a.len = 1;
+  a.features = F;
+  a.d_model = DM;
+  a.d_inner = DI;
+  a.d_state = N;
+  a.d_conv = W;
+  a.dt_rank = RK;
+  a.outputs = O;
+  a.n_layers = NL;
+  a.eps = 1e-5;
+  a.in_w = dev_uniform((size_t)F * DM, -0.06, 0.06);
+  a.in_b = dev_uniform(DM, -0.1, 0.1);
+  a.norm_f_w = dev_uniform(DM, 0.9, 1.1);
+  a.head_w = dev_uniform((size_t)DM * O, -0.06, 0.06);
+  a.head_b = dev_uniform(O, -0.1, 0.1);
+  for (int l = 0; l < NL; l++) {
+    mx_infer_layer *y = &a.layers[l];
+    y->norm_w = dev_uniform(DM, 0.9, 1.1);
+    y->in_x_w = dev_uniform((size_t)DM * DI, -0.06, 0.06);
+    y->in_z_w = dev_uniform((size_t)DM * DI, -0.06, 0.06);
+    y->conv_w = dev_uniform((size_t)DI * W, -0.5, 0.5);
+    y->conv_b = dev_uniform(DI, -0.1, 0.1);
+    y->x_proj_w = dev_uniform((size_t)DI * (RK + 2 * N), -0.04, 0.04);
+    y->dt_w = dev_uniform((size_t)RK * DI, -0.25, 0.25);
+    y->dt_b = dev_uniform(DI, -4.0, -2.0);
+    y->a_log = dev_uniform((size_t)DI * N, 0.0, 2.7);
+    y->d = dev_uniform(DI, 0.9, 1.1);
+    y->out_w = dev_uniform((size_t)DI * DM, -0.04, 0.04);
+    y->conv_in = y->conv_out = dev_uniform((size_t)B * DI * (W - 1), -1.0, 1.0);
+    y->ssm_in = y->ssm_out = dev_uniform((size_t)B * DI * N, -1.0, 1.0);
+  }
+  a.x = dev_uniform((size_t)B * F, -1.0, 1.0);
+  OK(G->alloc(0, (size_t)B * O * 4, &a.out, &E));
+
+  const struct {
+    const char *name;
+    int blocks, channels;
+  } cfg[] = {{"auto", 0, 0},       {"step c=4", 0, 4},   {"step c=8", 0, 8},
+             {"step c=16", 0, 16}, {"general auto", 0, -1}, {"general 132", 132, -1}};
+  printf("layers %d batch %d: median device us of one step (%d runs)\n", NL, B, runs);
+  for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++) {
+    a.blocks = cfg[i].blocks;
+    a.step_channels = cfg[i].channels;
+    if (G->infer(0, &a, &E) != MX_OK) {
+      printf("%-14s n/a (%s)\n", cfg[i].name, E.msg);
+      continue;
+    }
+    printf("%-14s %8.2f\n", cfg[i].name, time_infer(&a, runs));
+    fflush(stdout);
+  }
+
+  if (trace) {
+    const int EV = 64;
+    for (int c = 4; c <= 16; c *= 2) {
+      a.blocks = 0;
+      a.step_channels = c;
+      OK(G->infer(0, &a, &E));
+      OK(G->sync(0, &E));
+      const int nb = (DI + c - 1) / c;
+      long long *t = calloc((size_t)nb * EV, sizeof(long long));
+      if (trace(t, nb)) {
+        fprintf(stderr, "trace read failed\n");
+        return 1;
+      }
+      const int last = 4 + 6 * NL;
+      printf("trace c=%d (%d blocks): event: block-0 cycles since its start / max over blocks\n", c, nb);
+      for (int e = 1; e <= last; e++) {
+        long long mx = 0;
+        for (int b = 0; b < nb; b++) {
+          const long long d = t[b * EV + e] - t[b * EV];
+          if (d > mx) mx = d;
+        }
+        printf("  ev %2d %8lld %8lld\n", e, t[e] - t[0], mx);
+      }
+      free(t);
+    }
+  }
+  return 0;
+}
