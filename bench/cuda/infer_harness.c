@@ -153,7 +153,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "trace read failed\n");
         return 1;
       }
-      const int last = 4 + 6 * NL;
+      const int last = 4 + 4 * NL;
       printf("trace c=%d (%d blocks): event: block-0 cycles since its start / max over blocks\n", c, nb);
       for (int e = 1; e <= last; e++) {
         long long mx = 0;
@@ -162,6 +162,14 @@ int main(int argc, char **argv) {
           if (d > mx) mx = d;
         }
         printf("  ev %2d %8lld %8lld\n", e, t[e] - t[0], mx);
+      }
+      /* within layers 0 and 1: a: states issued, s gathered, normed,
+       * in_proj, conv; b: x_proj gathered, delta, scan (then out_proj) */
+      for (int l = 0; l < NL && l < 4; l++) {
+        printf("  layer %d sub-phases (block 0, cycles since the layer's phase start):", l);
+        for (int k = 0; k < 8; k++)
+          printf(" %lld", t[32 + 8 * l + k] - t[(k < 5 ? 3 : 5) + 4 * l]);
+        printf("\n");
       }
       free(t);
     }

@@ -533,7 +533,7 @@ static int configure(mx_cuda_dev *d, const mx_infer_args *a, if_run *run, mx_err
                                   (size_t)g_smem_optin[d->index], &why) == 0;
     if (ok) {
       int max_blocks = 0;
-      const int rc = infer_step_setup(d, (size_t)run->p.sl.total * sizeof(float), &max_blocks, err);
+      const int rc = infer_step_setup(d, run->p.B, (size_t)run->p.sl.total * sizeof(float), &max_blocks, err);
       if (rc != MX_OK) return rc;
       if (run->p.groups > max_blocks) {
         ok = 0;

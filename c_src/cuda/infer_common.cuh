@@ -57,6 +57,7 @@ typedef struct {
   int groups;   /* ceil(DI / cpb) = the grid */
   int fpg;      /* input features per group (the input projection's K split) */
   int cpo;      /* head outputs per group */
+  int vec;      /* 1: weights staged in 16-byte chunks (sizes and pointers allow it) */
   is_layout sl; /* its shared-memory layout */
   float *part_s, *part_x; /* per-group partial sums: (groups, B, DM), (groups, B, RK + 2N) */
 } if_params;
@@ -123,8 +124,8 @@ int infer_step_configure(if_params *p, int channels, int max_blocks, size_t max_
 size_t infer_step_scratch_floats(const if_params *p);
 /* Launches the step kernel on `stream` (cooperative, p->groups blocks). */
 int infer_step_launch(mx_cuda_dev *d, const if_params *p, cudaStream_t stream, mx_err *err);
-/* The step kernel's attribute set-up under d->mu; its co-resident limit for
- * `smem` bytes into *max_blocks. */
-int infer_step_setup(mx_cuda_dev *d, size_t smem, int *max_blocks, mx_err *err);
+/* The step kernel's attribute set-up under d->mu (for `rows` rows); its
+ * co-resident limit for `smem` bytes into *max_blocks. */
+int infer_step_setup(mx_cuda_dev *d, int rows, size_t smem, int *max_blocks, mx_err *err);
 
 #endif

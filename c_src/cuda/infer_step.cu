@@ -23,9 +23,17 @@
  *   P_head s += sum_g part_s; out = rmsnorm(s) . head_w[:, own outputs] + b
  *
  * Each block copies its slices of the weights into shared memory with
- * cp.async at the start (the input projection, the head and the first two
- * layers) and one layer ahead after that (two layer slots), so the weights
- * arrive while earlier phases run.
+ * cp.async (16-byte chunks where sizes and pointers allow): the input
+ * projection, the head and layer 0 at the start, layer l + 1 during layer l
+ * (two layer slots), so the weights arrive while earlier phases run. The
+ * kernel is instantiated for one row (the smallest code: a step's code runs
+ * once per launch, so its instruction fetches count) and for up to 8.
+ *
+ * Measured (H200, the DESIGN.md §7 model, bench/cuda/infer_harness.c and
+ * its phase trace): ~33 us for 2 layers at one row against ~44 for the
+ * general kernel; the phases are latency chains of a few warps (each L2
+ * round trip ~1 us, each barrier ~1 us) and the copies of the weights cost
+ * several us of issue at the start of a layer.
  *
  * Invariants:
  *   - The grid is exactly `groups` co-resident blocks (cooperative launch);
@@ -64,13 +72,25 @@ extern "C" __attribute__((visibility("default"))) int mx_infer_step_trace(long l
 #else
 #define TRACE(ev) ((void)0)
 #endif
+/* sub-phase edges of layers 0..3: events 32 + 8 l + k */
+#define TRACE_SUB(l, k) \
+  do {                  \
+    if ((l) < 4) TRACE(32 + 8 * (l) + (k)); \
+  } while (0)
 
 /* ------------------------------------------------------------- cp.async */
 
-static __device__ __forceinline__ void cp4(float *dst, const float *src, int valid) {
+/* One V-float chunk (V = 1 or 4) from global to shared memory, or zeros
+ * when !valid. */
+template <int V>
+static __device__ __forceinline__ void cp_chunk(float *dst, const float *src, int valid) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0)
-               : "memory");
+  if (V == 4)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
 }
 
 static __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -80,57 +100,63 @@ static __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-/* Layer l's weights for group g into `slot` (zeros past d_inner). */
+/* rows x cols floats from src (row stride lds) to dst (row stride ldd) in
+ * V-float chunks; rows past vrows and columns past vcols read as zeros.
+ * V = 4 needs cols, vcols, lds, ldd and both addresses in whole 16-byte
+ * chunks. Not inlined: its many call sites would repeat the loop (code
+ * that runs once per launch costs instruction fetches). */
+template <int V>
+static __device__ __noinline__ void stage_rows(float *dst, int ldd, const float *src, size_t lds, int rows,
+                                               int cols, int vrows, int vcols) {
+  const int cpr = cols / V, total = rows * cpr;
+  for (int i = threadIdx.x; i < total; i += IF_THREADS) {
+    const int r = i / cpr, c = (i - r * cpr) * V;
+    const int ok = r < vrows && c < vcols;
+    cp_chunk<V>(dst + r * ldd + c, ok ? src + r * lds + c : src, ok);
+  }
+}
+
+/* n contiguous floats (the first `valid` readable). */
+template <int V>
+static __device__ __forceinline__ void stage_flat(float *dst, const float *src, int n, int valid) {
+  stage_rows<V>(dst, 0, src, 0, 1, n, 1, valid);
+}
+
+/* Layer ly's weights for group g (channels c0 .. c0 + cpb - 1, zeros past
+ * d_inner) into `slot`. */
+template <int V>
 static __device__ void stage_layer(const if_params &p, const if_layer *ly, int g, float *slot) {
   const is_layout &L = p.sl;
-  const int C = p.cpb, NC = 2 * C, c0 = g * C, DM = p.DM, DI = p.DI, NX = p.RK + 2 * p.N;
-  const int W = p.W, N = p.N, tid = threadIdx.x;
-  for (int i = tid; i < DM * NC; i += IF_THREADS) { /* [k][x cols | z cols] */
-    const int k = i / NC, j = i - k * NC, c = c0 + (j < C ? j : j - C), ok = c < DI;
-    cp4(slot + L.w_in + i, (j < C ? ly->in_x_w : ly->in_z_w) + (ok ? (size_t)k * DI + c : 0), ok);
-  }
-  for (int i = tid; i < C * NX; i += IF_THREADS) { /* [c][j] */
-    const int c = i / NX, ok = c0 + c < DI;
-    cp4(slot + L.w_x + i, ly->x_proj_w + (ok ? (size_t)c0 * NX + i : 0), ok);
-  }
-  for (int i = tid; i < p.RK * C; i += IF_THREADS) { /* [k][c] */
-    const int k = i / C, c = i - k * C, ok = c0 + c < DI;
-    cp4(slot + L.w_dt + i, ly->dt_w + (ok ? (size_t)k * DI + c0 + c : 0), ok);
-  }
-  for (int i = tid; i < C * DM; i += IF_THREADS) { /* [c][j] */
-    const int c = i / DM, ok = c0 + c < DI;
-    cp4(slot + L.w_out + i, ly->out_w + (ok ? (size_t)c0 * DM + i : 0), ok);
-  }
-  for (int i = tid; i < C * W; i += IF_THREADS) {
-    const int ok = c0 + i / W < DI;
-    cp4(slot + L.conv_w + i, ly->conv_w + (ok ? (size_t)c0 * W + i : 0), ok);
-  }
-  for (int i = tid; i < C * N; i += IF_THREADS) {
-    const int ok = c0 + i / N < DI;
-    cp4(slot + L.a_log + i, ly->a_log + (ok ? (size_t)c0 * N + i : 0), ok);
-  }
-  for (int i = tid; i < C; i += IF_THREADS) {
-    const int ok = c0 + i < DI;
-    cp4(slot + L.conv_b + i, ly->conv_b + (ok ? c0 + i : 0), ok);
-    cp4(slot + L.dt_b + i, ly->dt_b + (ok ? c0 + i : 0), ok);
-    cp4(slot + L.d + i, ly->d + (ok ? c0 + i : 0), ok);
-  }
-  for (int i = tid; i < DM; i += IF_THREADS) cp4(slot + L.norm_w + i, ly->norm_w + i, 1);
+  const int C = p.cpb, c0 = g * C, DM = p.DM, DI = p.DI, NX = p.RK + 2 * p.N;
+  const int vc = DI - c0 < C ? DI - c0 : C;
+  stage_rows<V>(slot + L.w_in, 2 * C, ly->in_x_w + c0, DI, DM, C, DM, vc);     /* [k][x cols] */
+  stage_rows<V>(slot + L.w_in + C, 2 * C, ly->in_z_w + c0, DI, DM, C, DM, vc); /* [k][z cols] */
+  stage_flat<V>(slot + L.w_x, ly->x_proj_w + (size_t)c0 * NX, C * NX, vc * NX); /* [c][j] */
+  stage_rows<V>(slot + L.w_dt, C, ly->dt_w + c0, DI, p.RK, C, p.RK, vc);       /* [k][c] */
+  stage_flat<V>(slot + L.w_out, ly->out_w + (size_t)c0 * DM, C * DM, vc * DM);  /* [c][j] */
+  stage_flat<V>(slot + L.conv_w, ly->conv_w + (size_t)c0 * p.W, C * p.W, vc * p.W);
+  stage_flat<V>(slot + L.a_log, ly->a_log + (size_t)c0 * p.N, C * p.N, vc * p.N);
+  stage_flat<V>(slot + L.conv_b, ly->conv_b + c0, C, vc);
+  stage_flat<V>(slot + L.dt_b, ly->dt_b + c0, C, vc);
+  stage_flat<V>(slot + L.d, ly->d + c0, C, vc);
+  stage_flat<V>(slot + L.norm_w, ly->norm_w, DM, DM);
 }
 
 /* The input projection's and the head's slices for group g. */
+template <int V>
 static __device__ void stage_top(const if_params &p, int g, float *sm) {
   const is_layout &L = p.sl;
-  const int DM = p.DM, tid = threadIdx.x;
-  for (int i = tid; i < p.fpg * DM; i += IF_THREADS) { /* [f][j] */
-    const int f = g * p.fpg + i / DM, ok = f < p.F;
-    cp4(sm + L.w_inp + i, p.in_w + (ok ? (size_t)f * DM + (i % DM) : 0), ok);
-  }
-  for (int i = tid; i < DM * p.cpo; i += IF_THREADS) { /* [k][o] */
-    const int k = i / p.cpo, o = g * p.cpo + (i - k * p.cpo), ok = o < p.O;
-    cp4(sm + L.w_head + i, p.head_w + (ok ? (size_t)k * p.O + o : 0), ok);
-  }
-  for (int i = tid; i < DM; i += IF_THREADS) cp4(sm + L.norm_f + i, p.norm_f_w + i, 1);
+  const int DM = p.DM, f0 = g * p.fpg, o0 = g * p.cpo;
+  const int vf = p.F - f0 < p.fpg ? (p.F - f0 > 0 ? p.F - f0 : 0) : p.fpg;
+  const int vo = p.O - o0 < p.cpo ? (p.O - o0 > 0 ? p.O - o0 : 0) : p.cpo;
+  stage_flat<V>(sm + L.w_inp, p.in_w + (vf > 0 ? (size_t)f0 * DM : 0), p.fpg * DM, vf * DM); /* [f][j] */
+  stage_rows<V>(sm + L.w_head, p.cpo, p.head_w + (vo > 0 ? o0 : 0), p.O, DM, p.cpo, DM, vo); /* [k][o] */
+  stage_flat<V>(sm + L.norm_f, p.norm_f_w, DM, DM);
+}
+
+static __device__ void stage_layer_any(const if_params &p, const if_layer *ly, int g, float *slot) {
+  if (p.vec) stage_layer<4>(p, ly, g, slot);
+  else stage_layer<1>(p, ly, g, slot);
 }
 
 /* ------------------------------------------------------------- phases */
@@ -139,7 +165,7 @@ static __device__ void stage_top(const if_params &p, int g, float *sm) {
  * a fixed order: the groups split into ns consecutive slices (ns depends on
  * n and G only), each summed in order by one thread, then the slices in
  * order. Ends with __syncthreads. */
-static __device__ void sum_groups(float *out, const float *src, int G, int n, float *red) {
+static __device__ __noinline__ void sum_groups(float *out, const float *src, int G, int n, float *red) {
   const int tid = threadIdx.x;
   if ((n & 3) == 0) {
     const int n4 = n >> 2;
@@ -147,14 +173,14 @@ static __device__ void sum_groups(float *out, const float *src, int G, int n, fl
     const int gps = (G + ns - 1) / ns;
     const float4 *s4 = (const float4 *)src;
     for (int t = tid; t < ns * n4; t += IF_THREADS) {
-      const int e = t % n4, sl = t / n4;
+      const int sl = t / n4, e = t - sl * n4;
       const int g0 = sl * gps, g1 = min(G, g0 + gps);
       float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      int g = g0;
-      for (; g + 8 <= g1; g += 8) {
+      for (int g = g0; g < g1; g += 8) {
         float4 v[8];
 #pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = __ldcg(s4 + (size_t)(g + i) * n4 + e);
+        for (int i = 0; i < 8; i++)
+          v[i] = g + i < g1 ? __ldcg(s4 + (size_t)(g + i) * n4 + e) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
           acc.x += v[i].x;
@@ -163,18 +189,7 @@ static __device__ void sum_groups(float *out, const float *src, int G, int n, fl
           acc.w += v[i].w;
         }
       }
-      for (; g < g1; g++) {
-        const float4 v = __ldcg(s4 + (size_t)g * n4 + e);
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
-      }
-      float *dst = ns == 1 ? out : red + (size_t)sl * n;
-      dst[4 * e] = acc.x;
-      dst[4 * e + 1] = acc.y;
-      dst[4 * e + 2] = acc.z;
-      dst[4 * e + 3] = acc.w;
+      *(float4 *)((ns == 1 ? out : red + (size_t)sl * n) + 4 * e) = acc;
     }
     __syncthreads();
     if (ns > 1) {
@@ -207,7 +222,10 @@ static __device__ void rmsnorm_rows(const if_params &p, const float *s, const fl
     if (lane == 0) rstd[r] = rsqrtf(acc / (float)DM + p.eps);
   }
   __syncthreads();
-  for (int i = tid; i < R * DM; i += IF_THREADS) act[i] = s[i] * rstd[i / DM] * w[i % DM];
+  for (int i = tid; i < R * DM; i += IF_THREADS) {
+    const int r = i / DM, k = i - r * DM;
+    act[i] = s[i] * rstd[r] * w[k];
+  }
   __syncthreads();
 }
 
@@ -230,7 +248,7 @@ static __device__ void phase_in(const if_params &p, float *sm, int g, int R) {
     const int r = i / fpg, f = g * fpg + (i - r * fpg);
     xs[i] = f < p.F ? __ldcg(p.x + (size_t)r * p.F + f) : 0.0f;
   }
-  cp_wait<2>(); /* the top slices (the newest two groups are layers) */
+  cp_wait<1>(); /* the top slices (the newest group is layer 0) */
   __syncthreads();
   const float *w = sm + L.w_inp;
   for (int i = tid; i < R * DM; i += IF_THREADS) {
@@ -241,33 +259,47 @@ static __device__ void phase_in(const if_params &p, float *sm, int g, int R) {
   }
 }
 
-/* Phase A of layer l (see the top). h: the thread's ssm state per row,
- * loaded here for phase B. */
-static __device__ void phase_a(const if_params &p, const if_layer *ly, const float *slot, float *sm,
-                               int g, int l, int R, float h[IS_MAX_ROWS]) {
+/* Phase A of layer l (see the top): RM bounds the rows R. h: the thread's
+ * ssm state per row, loaded here for phase B. Starts the copy of layer
+ * l + 1's weights into `next` (the slot layer l - 1 used). */
+template <int RM>
+static __device__ void phase_a(const if_params &p, const if_layer *ly, const float *slot, float *next,
+                               float *sm, int g, int l, int R, float h[RM]) {
   const is_layout &L = p.sl;
   const int tid = threadIdx.x, C = p.cpb, NC = 2 * C, c0 = g * C, DM = p.DM, DI = p.DI;
   const int W1 = p.W - 1, N = p.N, NX = p.RK + 2 * N;
   const float *rst = sm + L.rst;
-  /* this group's states (zero where the row resets) */
-  float *cst = sm + L.cst; /* (R, C, W-1) */
-  for (int i = tid; i < R * C * W1; i += IF_THREADS) {
-    const int r = i / (C * W1), rem = i - r * C * W1, c = rem / W1, j = rem - c * W1;
-    float v = 0.0f;
-    if (c0 + c < DI && rst[r] == 0.0f && ly->conv_in)
-      v = __ldcg(ly->conv_in + ((size_t)r * DI + c0 + c) * W1 + j);
-    cst[i] = v;
-  }
+  /* this group's ssm states into registers (used in phase B) and conv
+   * states into shared memory, as one cp.async group (zeros where the
+   * row resets); then layer l + 1's weights as the newest group */
   {
     const int c = tid / p.lp, n = tid - c * p.lp;
     const int live = c < C && c0 + c < DI && n < N && ly->ssm_in;
 #pragma unroll
-    for (int r = 0; r < IS_MAX_ROWS; r++)
+    for (int r = 0; r < RM; r++)
       h[r] = (r < R && live && rst[r] == 0.0f) ? __ldcg(ly->ssm_in + ((size_t)r * DI + c0 + c) * N + n) : 0.0f;
   }
+  float *cst = sm + L.cst; /* (R, C, W-1) */
+  if (W1 > 0) {
+    const int vc = DI - c0 < C ? DI - c0 : C;
+    for (int r = 0; r < R; r++) {
+      const float *src = ly->conv_in ? ly->conv_in + ((size_t)r * DI + c0) * W1 : NULL;
+      if (src && rst[r] == 0.0f) stage_flat<1>(cst + r * C * W1, src, C * W1, vc * W1);
+      else
+        for (int i = tid; i < C * W1; i += IF_THREADS) cst[r * C * W1 + i] = 0.0f;
+    }
+  }
+  cp_commit();
+  if (l + 1 < p.NL) stage_layer_any(p, &p.layer[l + 1], g, next);
+  cp_commit();
+  TRACE_SUB(l, 0);
   gather_s(p, sm, l == 0, R);
+  cp_wait<1>(); /* all but layer l + 1: layer l's slot and the conv states */
+  __syncthreads();
+  TRACE_SUB(l, 1);
   float *act = sm + L.act;
   rmsnorm_rows(p, sm + L.s, slot + L.norm_w, act, sm + L.rstd, R);
+  TRACE_SUB(l, 2);
 
   /* xi | z for own channels: thread (slice, col) sums k over its slice */
   float *red = sm + L.red, *xz = sm + L.xz;
@@ -275,20 +307,20 @@ static __device__ void phase_a(const if_params &p, const if_layer *ly, const flo
     const int nsl = IF_THREADS / NC, kps = (DM + nsl - 1) / nsl;
     const int col = tid % NC, sl = tid / NC;
     if (sl < nsl) {
-      float acc[IS_MAX_ROWS];
+      float acc[RM];
 #pragma unroll
-      for (int r = 0; r < IS_MAX_ROWS; r++) acc[r] = 0.0f;
+      for (int r = 0; r < RM; r++) acc[r] = 0.0f;
       const int k0 = sl * kps, k1 = min(DM, k0 + kps);
       const float *w = slot + L.w_in + col;
 #pragma unroll 4
       for (int k = k0; k < k1; k++) {
         const float wv = w[k * NC];
 #pragma unroll
-        for (int r = 0; r < IS_MAX_ROWS; r++)
+        for (int r = 0; r < RM; r++)
           if (r < R) acc[r] += act[r * DM + k] * wv;
       }
 #pragma unroll
-      for (int r = 0; r < IS_MAX_ROWS; r++)
+      for (int r = 0; r < RM; r++)
         if (r < R) red[(sl * R + r) * NC + col] = acc[r];
     }
     __syncthreads();
@@ -300,6 +332,7 @@ static __device__ void phase_a(const if_params &p, const if_layer *ly, const flo
     }
     __syncthreads();
   }
+  TRACE_SUB(l, 3);
 
   /* conv + SiLU; the new conv state (the last W-1 inputs) */
   float *xc = sm + L.xc;
@@ -319,6 +352,7 @@ static __device__ void phase_a(const if_params &p, const if_layer *ly, const flo
     }
   }
   __syncthreads();
+  TRACE_SUB(l, 4);
 
   /* partial x_proj over own channels */
   const float *wx = slot + L.w_x;
@@ -330,14 +364,16 @@ static __device__ void phase_a(const if_params &p, const if_layer *ly, const flo
   }
 }
 
+template <int RM>
 static __device__ void phase_b(const if_params &p, const if_layer *ly, const float *slot, float *sm,
-                               int g, int R, float h[IS_MAX_ROWS]) {
+                               int g, int l, int R, float h[RM]) {
   const is_layout &L = p.sl;
   const int tid = threadIdx.x, C = p.cpb, NC = 2 * C, c0 = g * C, DM = p.DM, DI = p.DI;
   const int N = p.N, RK = p.RK, NX = RK + 2 * N;
   float *dbc = sm + L.dbc, *delta = sm + L.delta, *y = sm + L.y;
   const float *xc = sm + L.xc, *xz = sm + L.xz;
   sum_groups(dbc, p.part_x, p.groups, R * NX, sm + L.red);
+  TRACE_SUB(l, 5);
   for (int i = tid; i < R * C; i += IF_THREADS) {
     const int r = i / C, c = i - r * C;
     float acc = slot[L.dt_b + c];
@@ -345,6 +381,7 @@ static __device__ void phase_b(const if_params &p, const if_layer *ly, const flo
     delta[i] = softplus_f(acc);
   }
   __syncthreads();
+  TRACE_SUB(l, 6);
   {
     /* the scan: thread (c, n), sums over n by shuffles within lp lanes */
     const int lp = p.lp, c = tid / lp, n = tid - c * lp;
@@ -353,7 +390,7 @@ static __device__ void phase_b(const if_params &p, const if_layer *ly, const flo
     const float a = live ? -expf(slot[L.a_log + c * N + n]) : 0.0f;
     const float dd = slot[L.d + cl];
 #pragma unroll
-    for (int r = 0; r < IS_MAX_ROWS; r++) {
+    for (int r = 0; r < RM; r++) {
       if (r >= R) break;
       const float dt = delta[r * C + cl], u = xc[r * C + cl];
       const float bn = live ? dbc[r * NX + RK + n] : 0.0f;
@@ -366,6 +403,7 @@ static __device__ void phase_b(const if_params &p, const if_layer *ly, const flo
     }
   }
   __syncthreads();
+  TRACE_SUB(l, 7);
   const float *wo = slot + L.w_out;
   for (int i = tid; i < R * DM; i += IF_THREADS) {
     const int r = i / DM, j = i - r * DM;
@@ -378,8 +416,6 @@ static __device__ void phase_b(const if_params &p, const if_layer *ly, const flo
 static __device__ void phase_head(const if_params &p, float *sm, int g, int R) {
   const is_layout &L = p.sl;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, DM = p.DM, cpo = p.cpo;
-  cp_wait<0>();
-  __syncthreads();
   gather_s(p, sm, 0, R);
   float *act = sm + L.act;
   rmsnorm_rows(p, sm + L.s, sm + L.norm_f, act, sm + L.rstd, R);
@@ -395,91 +431,108 @@ static __device__ void phase_head(const if_params &p, float *sm, int g, int R) {
   }
 }
 
+/* RM: a bound on the rows (1 for one agent: the smallest code). */
+template <int RM>
 static __global__ void __launch_bounds__(IF_THREADS, 1) infer_step_kernel(if_params p) {
-  extern __shared__ float sm[];
+  extern __shared__ __align__(16) float sm[];
   const int g = blockIdx.x, R = p.B;
   float *slot0 = sm, *slot1 = sm + p.sl.slot;
   TRACE(0);
-  /* weights: the top slices, layer 0, layer 1 (or nothing): three groups */
-  stage_top(p, g, sm);
+  /* weights: the top slices and layer 0 now (two cp.async groups); each
+   * later layer's during the layer before */
+  if (p.vec) stage_top<4>(p, g, sm);
+  else stage_top<1>(p, g, sm);
   cp_commit();
-  stage_layer(p, &p.layer[0], g, slot0);
+  stage_layer_any(p, &p.layer[0], g, slot0);
   cp_commit();
-  if (p.NL > 1) stage_layer(p, &p.layer[1], g, slot1);
-  cp_commit();
-  float h[IS_MAX_ROWS];
+  float h[RM];
   TRACE(1);
   phase_in(p, sm, g, R);
   TRACE(2);
   for (int l = 0; l < p.NL; l++) {
     const if_layer *ly = &p.layer[l];
-    float *slot = (l & 1) ? slot1 : slot0;
+    float *slot = (l & 1) ? slot1 : slot0, *next = (l & 1) ? slot0 : slot1;
     grid_barrier(p.bar);
-    TRACE(3 + 6 * l);
-    if (l >= 1) {
-      /* layer l + 1 into the slot layer l - 1 used (read before the barrier) */
-      if (l + 1 < p.NL) stage_layer(p, &p.layer[l + 1], g, (l & 1) ? slot0 : slot1);
-      cp_commit();
-    }
-    cp_wait<1>(); /* everything but the newest group: layer l is in */
-    __syncthreads();
-    TRACE(4 + 6 * l);
-    phase_a(p, ly, slot, sm, g, l, R, h);
-    TRACE(5 + 6 * l);
+    TRACE(3 + 4 * l);
+    phase_a<RM>(p, ly, slot, next, sm, g, l, R, h);
+    TRACE(4 + 4 * l);
     grid_barrier(p.bar);
-    TRACE(6 + 6 * l);
-    phase_b(p, ly, slot, sm, g, R, h);
-    TRACE(7 + 6 * l);
+    TRACE(5 + 4 * l);
+    phase_b<RM>(p, ly, slot, sm, g, l, R, h);
+    TRACE(6 + 4 * l);
   }
+  cp_wait<0>();
   grid_barrier(p.bar);
-  TRACE(3 + 6 * p.NL);
+  TRACE(3 + 4 * p.NL);
   phase_head(p, sm, g, R);
-  TRACE(4 + 6 * p.NL);
+  TRACE(4 + 4 * p.NL);
   grid_exit(p.bar);
 }
 
 /* ------------------------------------------------------------------ host */
 
-static int g_step_smem[MX_MAX_CUDA_DEVICES];
+static int g_step_smem[MX_MAX_CUDA_DEVICES][2];
+
+/* Every region starts on a 16-byte boundary (cp.async chunks, float4
+ * stores). */
+static int take(int *o, int n) {
+  const int at = *o;
+  *o += (n + 3) & ~3;
+  return at;
+}
 
 static is_layout layout_for(const if_params *p) {
   is_layout L;
   const int C = p->cpb, NC = 2 * C, DM = p->DM, NX = p->RK + 2 * p->N, R = p->B;
   int o = 0;
-  L.w_in = o; o += DM * NC;
-  L.w_x = o; o += C * NX;
-  L.w_dt = o; o += p->RK * C;
-  L.w_out = o; o += C * DM;
-  L.conv_w = o; o += C * p->W;
-  L.conv_b = o; o += C;
-  L.dt_b = o; o += C;
-  L.a_log = o; o += C * p->N;
-  L.d = o; o += C;
-  L.norm_w = o; o += DM;
-  o = (o + 3) & ~3; /* 16-byte aligned slots */
+  L.w_in = take(&o, DM * NC);
+  L.w_x = take(&o, C * NX);
+  L.w_dt = take(&o, p->RK * C);
+  L.w_out = take(&o, C * DM);
+  L.conv_w = take(&o, C * p->W);
+  L.conv_b = take(&o, C);
+  L.dt_b = take(&o, C);
+  L.a_log = take(&o, C * p->N);
+  L.d = take(&o, C);
+  L.norm_w = take(&o, DM);
   L.slot = o;
   L.nslots = p->NL > 1 ? 2 : 1;
   o = L.nslots * L.slot;
-  L.w_inp = o; o += p->fpg * DM;
-  L.w_head = o; o += DM * p->cpo;
-  L.norm_f = o; o += DM;
-  L.s = o; o += R * DM;
-  L.act = o; o += R * (DM > p->fpg ? DM : p->fpg);
-  L.xz = o; o += R * NC;
-  L.xc = o; o += R * C;
-  L.dbc = o; o += R * NX;
-  L.delta = o; o += R * C;
-  L.y = o; o += R * C;
-  L.cst = o; o += R * C * (p->W - 1);
-  L.rstd = o; o += R;
-  L.rst = o; o += R;
-  o = (o + 3) & ~3;
-  L.red = o;
-  /* the in_proj slices (<= IF_THREADS * R) and sum_groups' slices (<= 4 *
-   * IF_THREADS) */
-  o += IF_THREADS * (R > 4 ? R : 4);
+  L.w_inp = take(&o, p->fpg * DM);
+  L.w_head = take(&o, DM * p->cpo);
+  L.norm_f = take(&o, DM);
+  L.s = take(&o, R * DM);
+  L.act = take(&o, R * (DM > p->fpg ? DM : p->fpg));
+  L.xz = take(&o, R * NC);
+  L.xc = take(&o, R * C);
+  L.dbc = take(&o, R * NX);
+  L.delta = take(&o, R * C);
+  L.y = take(&o, R * C);
+  L.cst = take(&o, R * C * (p->W - 1));
+  L.rstd = take(&o, R);
+  L.rst = take(&o, R);
+  /* the in_proj slices (<= IF_THREADS * R) and sum_groups' (<= 4 * IF_THREADS) */
+  L.red = take(&o, IF_THREADS * (R > 4 ? R : 4));
   L.total = o;
   return L;
+}
+
+static int aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
+
+/* Whether every weight can be staged in 16-byte chunks with cpb channels. */
+static int can_vec(const if_params *p) {
+  if (p->DM % 4 || p->DI % 4 || p->cpb % 4 || p->O % 4) return 0;
+  const void *top[] = {p->in_w, p->norm_f_w, p->head_w};
+  for (int i = 0; i < 3; i++)
+    if (!aligned16(top[i])) return 0;
+  for (int l = 0; l < p->NL; l++) {
+    const if_layer *y = &p->layer[l];
+    const void *w[] = {y->norm_w, y->in_x_w, y->in_z_w, y->conv_w, y->conv_b, y->x_proj_w,
+                       y->dt_w,   y->dt_b,   y->a_log,  y->d,      y->out_w};
+    for (int i = 0; i < 11; i++)
+      if (!aligned16(w[i])) return 0;
+  }
+  return 1;
 }
 
 int infer_step_configure(if_params *p, int channels, int max_blocks, size_t max_smem, const char **why) {
@@ -493,7 +546,9 @@ int infer_step_configure(if_params *p, int channels, int max_blocks, size_t max_
     p->cpb = c;
     p->groups = (p->DI + c - 1) / c;
     p->fpg = (p->F + p->groups - 1) / p->groups;
+    p->vec = can_vec(p);
     p->cpo = (p->O + p->groups - 1) / p->groups;
+    if (p->vec) p->cpo = (p->cpo + 3) & ~3;
     p->sl = layout_for(p);
     const int fits = p->groups <= max_blocks && (size_t)p->sl.total * sizeof(float) <= max_smem;
     if (fits) return 0;
@@ -508,14 +563,20 @@ size_t infer_step_scratch_floats(const if_params *p) {
   return (size_t)p->groups * p->B * ((size_t)p->DM + p->RK + 2 * p->N);
 }
 
-int infer_step_setup(mx_cuda_dev *d, size_t smem, int *max_blocks, mx_err *err) {
-  const int i = d->index;
-  if (g_step_smem[i] < (int)smem) {
-    MX_CUDA_TRY(d, err, cudaFuncSetAttribute(infer_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    g_step_smem[i] = (int)smem;
+/* The instantiation for p's rows: one row (the smallest code) or up to 8. */
+static const void *kernel_for(int rows) {
+  return rows == 1 ? (const void *)infer_step_kernel<1> : (const void *)infer_step_kernel<IS_MAX_ROWS>;
+}
+
+int infer_step_setup(mx_cuda_dev *d, int rows, size_t smem, int *max_blocks, mx_err *err) {
+  const int i = d->index, k = rows == 1 ? 0 : 1;
+  const void *fn = kernel_for(rows);
+  if (g_step_smem[i][k] < (int)smem) {
+    MX_CUDA_TRY(d, err, cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    g_step_smem[i][k] = (int)smem;
   }
   int per_sm = 0;
-  MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_step_kernel, IF_THREADS, smem));
+  MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, IF_THREADS, smem));
   *max_blocks = per_sm * d->sm_count;
   return MX_OK;
 }
@@ -531,5 +592,6 @@ int infer_step_launch(mx_cuda_dev *d, const if_params *p, cudaStream_t stream, m
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_step_kernel, *p));
+  if (p->B == 1) return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_step_kernel<1>, *p));
+  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_step_kernel<IS_MAX_ROWS>, *p));
 }
