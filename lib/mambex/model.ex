@@ -248,9 +248,10 @@ defmodule Mambex.Model do
     end
   end
 
-  # measured on the H200 (bench/results/model_step.csv): fused wins at one
-  # row (43.8 vs 76 us for the 2-layer step) and loses at 60 (173 vs 145)
-  # and 256 (344 vs 199): its products are SIMT tiles, not cuBLAS GEMMs
+  # measured on the H200 (bench/results/model_step.csv): fused wins for a
+  # step of a few rows (the step kernel: 33.4 vs 78.9 us for the 2-layer
+  # step at one row) and loses at 60 rows (173 vs 145) and 256 (344 vs 199):
+  # the general kernel's products are SIMT tiles, not cuBLAS GEMMs
   @fused_rows 8
 
   @doc """
