@@ -581,17 +581,7 @@ static void set_scratch(if_run *run, float *scratch) {
 
 static int launch(mx_cuda_dev *d, const if_run *run, cudaStream_t stream, mx_err *err) {
   if (run->step) return infer_step_launch(d, &run->p, stream, err);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(run->blocks);
-  cfg.blockDim = dim3(IF_THREADS);
-  cfg.dynamicSmemBytes = (size_t)g_smem_set[d->index];
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1] = {};
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_kernel, run->p));
+  return infer_coop_launch(d, infer_kernel, run->blocks, (size_t)g_smem_set[d->index], stream, &run->p, err);
 }
 
 extern "C" int mx_cuda_infer(int dev, const mx_infer_args *a, mx_err *err) {

@@ -111,6 +111,25 @@ static __device__ __forceinline__ float softplus_f(float x) {
   return x > 20.0f ? x : log1pf(expf(x));
 }
 
+/* ------------------------------------------------------------------ host */
+
+/* Launches a fused kernel cooperatively (all `grid` blocks co-resident, as
+ * the grid barrier needs) on `stream`. */
+static inline int infer_coop_launch(mx_cuda_dev *d, void (*fn)(if_params), unsigned grid, size_t smem,
+                                    cudaStream_t stream, const if_params *p, mx_err *err) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(IF_THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, fn, *p));
+}
+
 /* ------------------------------------------------------ the step kernel */
 
 #define IS_MAX_ROWS 8 /* rows (batch) the step kernel takes */

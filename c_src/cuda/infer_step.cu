@@ -471,7 +471,11 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_step_kernel(if_par
 
 /* ------------------------------------------------------------------ host */
 
+/* per device and instantiation (one row, up to 8): the shared-memory
+ * attribute set so far, and the last occupancy answer with its size */
 static int g_step_smem[MX_MAX_CUDA_DEVICES][2];
+static size_t g_step_occ_smem[MX_MAX_CUDA_DEVICES][2];
+static int g_step_occ_blocks[MX_MAX_CUDA_DEVICES][2];
 
 /* Every region starts on a 16-byte boundary (cp.async chunks, float4
  * stores). */
@@ -563,35 +567,31 @@ size_t infer_step_scratch_floats(const if_params *p) {
   return (size_t)p->groups * p->B * ((size_t)p->DM + p->RK + 2 * p->N);
 }
 
-/* The instantiation for p's rows: one row (the smallest code) or up to 8. */
-static const void *kernel_for(int rows) {
-  return rows == 1 ? (const void *)infer_step_kernel<1> : (const void *)infer_step_kernel<IS_MAX_ROWS>;
+/* The instantiation for `rows` rows: one row (the smallest code) or up to 8. */
+static void (*kernel_for(int rows))(if_params) {
+  return rows == 1 ? infer_step_kernel<1> : infer_step_kernel<IS_MAX_ROWS>;
 }
 
+/* Under d->mu. The occupancy query runs once per shared-memory size (every
+ * call of a model asks for the same): the last answer is kept. */
 int infer_step_setup(mx_cuda_dev *d, int rows, size_t smem, int *max_blocks, mx_err *err) {
   const int i = d->index, k = rows == 1 ? 0 : 1;
-  const void *fn = kernel_for(rows);
+  const void *fn = (const void *)kernel_for(rows);
   if (g_step_smem[i][k] < (int)smem) {
     MX_CUDA_TRY(d, err, cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     g_step_smem[i][k] = (int)smem;
   }
-  int per_sm = 0;
-  MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, IF_THREADS, smem));
-  *max_blocks = per_sm * d->sm_count;
+  if (g_step_occ_smem[i][k] != smem) {
+    int per_sm = 0;
+    MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, IF_THREADS, smem));
+    g_step_occ_smem[i][k] = smem;
+    g_step_occ_blocks[i][k] = per_sm * d->sm_count;
+  }
+  *max_blocks = g_step_occ_blocks[i][k];
   return MX_OK;
 }
 
 int infer_step_launch(mx_cuda_dev *d, const if_params *p, cudaStream_t stream, mx_err *err) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)p->groups);
-  cfg.blockDim = dim3(IF_THREADS);
-  cfg.dynamicSmemBytes = (size_t)p->sl.total * sizeof(float);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1] = {};
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (p->B == 1) return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_step_kernel<1>, *p));
-  return MX_CUDA_CALL(d, err, cudaLaunchKernelEx(&cfg, infer_step_kernel<IS_MAX_ROWS>, *p));
+  return infer_coop_launch(d, kernel_for(p->B), (unsigned)p->groups, (size_t)p->sl.total * sizeof(float),
+                           stream, p, err);
 }
