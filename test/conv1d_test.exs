@@ -131,6 +131,13 @@ defmodule Mambex.Conv1dTest do
     {"W4 batch 9 L130", {9, 130, 36, 4}, [silu: true, bias: true, initial_state: true]}
   ]
 
+  # || got - want || / || magnitude of the terms ||
+  defp terms_err(got, want, mag) do
+    num = Enum.zip_reduce(got, want, 0.0, fn a, b, acc -> acc + (a - b) * (a - b) end)
+    den = Enum.reduce(mag, 0.0, fn m, acc -> acc + m * m end)
+    :math.sqrt(num / den)
+  end
+
   def check_reference(name, dims, opts, device, fwd_tol, grad_tol) do
     seed = seed_for(name)
     inputs = make_inputs(seed, dims, opts)
@@ -143,8 +150,16 @@ defmodule Mambex.Conv1dTest do
     assert fin.shape == {bsz, ch, w - 1}
     assert out.type == inputs.io
     assert fin.type == inputs.param
-    e = H.rel_err(values(out), ref.out)
-    assert e <= fwd_tol, "#{name}: out rel. error #{e} > #{fwd_tol} #{seed_note(seed)}"
+    out_v = values(out)
+    e = H.rel_err(out_v, ref.out)
+    # An output whose terms nearly cancel (one output of 7 terms, "W7 L1
+    # C1") can lose digits relative to itself however exact the kernel is:
+    # it is then judged against the size of its terms instead (the fp32
+    # rounding bound is proportional to that). Both measures use fwd_tol.
+    ce = terms_err(out_v, ref.out, Ref.magnitude(inputs.ref))
+
+    assert e <= fwd_tol or ce <= fwd_tol,
+           "#{name}: out rel. error #{e} > #{fwd_tol} (to the terms: #{ce}) #{seed_note(seed)}"
     e = H.rel_err(values(fin), ref.final_state)
     assert e <= fwd_tol, "#{name}: final state rel. error #{e} #{seed_note(seed)}"
 

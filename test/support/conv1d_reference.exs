@@ -62,6 +62,24 @@ defmodule Mambex.Conv1dReference do
   end
 
   @doc """
+  Per output element (B, L, C), the sum of the magnitudes of the terms of
+  its pre-activation, |bias| + sum_j |weight * xpad|: the size that fp32
+  rounding is proportional to, however much the terms cancel.
+  """
+  def magnitude(p) do
+    {bsz, len, ch, w} = p.dims
+    t = tuples(p)
+
+    for b <- 0..(bsz - 1)//1, s <- 0..(len - 1)//1, c <- 0..(ch - 1)//1 do
+      bias = if t.bias, do: abs(elem(t.bias, c)), else: 0.0
+
+      Enum.reduce(0..(w - 1), bias, fn j, acc ->
+        acc + abs(elem(t.w, c * w + j) * xpad(t, p.dims, b, s + j - (w - 1), c))
+      end)
+    end
+  end
+
+  @doc """
   Gradients for d_out (B, L, C) and d_final (B, C, W-1) or nil: %{x:, weight:}
   plus :bias and :initial_state when those inputs were given.
   """

@@ -139,6 +139,33 @@ defmodule Mambex.TestHelpers do
          do: {:halt, s},
          else: {:cont, s}
     end)
+    |> stable_baseline(device, target)
+  end
+
+  # A baseline (no target) is only trusted once it has stopped moving: the
+  # tensors of the previous test can still be dying when it is first read,
+  # and a baseline taken half-way never matches the settled state after.
+  # Three equal reads 10 ms apart, up to ~2 s.
+  defp stable_baseline(s, _device, target) when target != nil, do: s
+
+  defp stable_baseline(s, device, nil) do
+    Enum.reduce_while(1..200, {s, 0}, fn _, {prev, same} ->
+      :erlang.garbage_collect()
+      Process.sleep(10)
+      now = Mambex.memory_stats(device)
+
+      cond do
+        now.live_bytes != prev.live_bytes or now.live_handles != prev.live_handles ->
+          {:cont, {now, 0}}
+
+        same >= 2 ->
+          {:halt, {now, same}}
+
+        true ->
+          {:cont, {now, same + 1}}
+      end
+    end)
+    |> elem(0)
   end
 
   @doc """
