@@ -27,8 +27,14 @@ else
 NVCC := $(shell command -v nvcc 2>/dev/null || ( [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc ))
 endif
 CUDA_ARCH ?= sm_90
-NVCCFLAGS ?= -O3 -std=c++17 -arch=$(CUDA_ARCH) -lineinfo
+NVCCFLAGS ?= -O3 -std=c++17 -lineinfo
 NVCCFLAGS += -Xcompiler -fPIC,-Wall,-Wextra,-fvisibility=hidden
+# The architecture flag of each object. gemm_tf32.cu uses wgmma, which
+# exists only in the sm_90a target: built for it (and told so by MX_WGMMA)
+# when CUDA_ARCH is sm_90; for any other arch it compiles to a never-chosen stub.
+comma := ,
+NVARCH = -arch=$(CUDA_ARCH)
+$(OBJ)/cuda/gemm_tf32.o: NVARCH = $(if $(filter sm_90,$(CUDA_ARCH)),-gencode=arch=compute_90a$(comma)code=sm_90a -DMX_WGMMA=1,-arch=$(CUDA_ARCH))
 
 NIF_SRC := $(wildcard c_src/nif/*.c c_src/core/*.c c_src/cpu/*.c)
 NIF_HDR := $(wildcard c_src/nif/*.h c_src/core/*.h c_src/cpu/*.h)
@@ -57,7 +63,7 @@ $(PRIV)/mambex_nif.so: $(NIF_SRC) $(NIF_HDR) Makefile
 # One object per CUDA file, so that `make -j` compiles them in parallel.
 $(OBJ)/cuda/%.o: c_src/cuda/%.cu $(CUDA_HDR) Makefile
 	@mkdir -p $(OBJ)/cuda
-	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) $(NVARCH) -c $< -o $@
 
 # cuBLASLt (linear.cu) is linked dynamically, found through an rpath to the
 # library folder of the toolkit whose nvcc built the object. When it cannot be

@@ -249,32 +249,38 @@ defmodule Mambex.AdamWTest do
         assert_in_delta AdamW.grad_norm(st), norm, 1.0e-6 * norm
       end
 
-      test "a large tensor (threaded on the CPU, several tiles on CUDA) with clipping", ctx do
-        note = seed!(ctx)
-        device = ctx.device
-        # uniform values made on the device, read back for the reference
-        n = 300_001
-        p = Tensor.random_uniform({n}, seed: 11, min: 0.5, max: 1.5, device: device)
-        g = Tensor.random_uniform({n}, seed: 12, min: -1.0, max: 1.0, device: device)
-        b = Tensor.random_uniform({3, 7}, seed: 13, min: 0.5, max: 1.5, device: device)
-        gb = Tensor.random_uniform({3, 7}, seed: 14, min: -1.0, max: 1.0, device: device)
-        pv = [read(p), read(b)]
-        gv = [read(g), read(gb)]
-        st = AdamW.init([p, b], lr: 0.01, max_grad_norm: 10.0)
-        st = AdamW.step(st, [p, b], [g, gb])
+      # 300,001 elements: 74 tiles on CUDA, one launch with the norm inside;
+      # 1,200,001: 293 tiles, more than an H200 holds at once (264), so the
+      # separate norm launch runs.
+      for n <- [300_001, 1_200_001] do
+        test "a large tensor (threaded on the CPU, several tiles on CUDA) with clipping, n #{n}",
+             ctx do
+          note = seed!(ctx)
+          device = ctx.device
+          # uniform values made on the device, read back for the reference
+          n = unquote(n)
+          p = Tensor.random_uniform({n}, seed: 11, min: 0.5, max: 1.5, device: device)
+          g = Tensor.random_uniform({n}, seed: 12, min: -1.0, max: 1.0, device: device)
+          b = Tensor.random_uniform({3, 7}, seed: 13, min: 0.5, max: 1.5, device: device)
+          gb = Tensor.random_uniform({3, 7}, seed: 14, min: -1.0, max: 1.0, device: device)
+          pv = [read(p), read(b)]
+          gv = [read(g), read(gb)]
+          st = AdamW.init([p, b], lr: 0.01, max_grad_norm: 10.0)
+          st = AdamW.step(st, [p, b], [g, gb])
 
-        {ref, _, norm} =
-          AdamWReference.step(pv, gv, [false, true], AdamWReference.init(pv),
-            lr: f32(0.01),
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1.0e-8,
-            weight_decay: 0.01,
-            max_norm: 10.0
-          )
+          {ref, _, norm} =
+            AdamWReference.step(pv, gv, [false, true], AdamWReference.init(pv),
+              lr: f32(0.01),
+              beta1: 0.9,
+              beta2: 0.999,
+              eps: 1.0e-8,
+              weight_decay: 0.01,
+              max_norm: 10.0
+            )
 
-        assert_close([read(p), read(b)], ref, @tol_p, "params #{note}")
-        assert_in_delta AdamW.grad_norm(st), norm, 1.0e-6 * norm
+          assert_close([read(p), read(b)], ref, @tol_p, "params #{note}")
+          assert_in_delta AdamW.grad_norm(st), norm, 1.0e-6 * norm
+        end
       end
 
       test "bit-identical reruns with clipping", ctx do
@@ -627,7 +633,9 @@ defmodule Mambex.AdamWTest do
           AdamW.step(st, %{w: w}, %{w: g})
         end
 
-        assert_raise ArgumentError, ~r/params\[:(b|w)\] is on/, fn -> AdamW.init(%{w: w, b: g}) end
+        assert_raise ArgumentError, ~r/params\[:(b|w)\] is on/, fn ->
+          AdamW.init(%{w: w, b: g})
+        end
 
         assert_raise ArgumentError, ~r/lr/, fn -> AdamW.set_lr(st, Tensor.fill({}, 0.1)) end
 

@@ -34,8 +34,14 @@
  *     block computes the coefficients itself from *step and *lr (all blocks
  *     of all chunks see the same step), and in the last chunk the last block
  *     to finish writes *step = t.
- * So AdamW over tensors that fit one chunk is 1 launch without the norm and
- * 2 with it. The ticket counter is a per-device word allocated once (under
+   - with the norm wanted, one chunk, and every tile resident at once (one
+ *     block per tile; 2^20 parameters are 256 tiles, an H200 holds 264):
+ *     ONE cooperative launch of adamw_norm_update_kernel instead: tiles
+ *     loaded into registers, per-tile partial sums, a grid barrier, every
+ *     block adds all partials in the same order (same norm everywhere),
+ *     then updates from the registers. The gradients are read once.
+ * So AdamW over tensors that fit one chunk is 1 launch with or without the
+ * norm (2 with it when the tiles do not all fit at once). The ticket counter is a per-device word allocated once (under
  * the device mutex) and reset to 0 by the block that used it last; the
  * partials and coefficients live in stream-ordered scratch freed after the
  * launches.
@@ -341,6 +347,154 @@ __global__ void __launch_bounds__(AW_THREADS)
   }
 }
 
+/* Norm mode in ONE launch, for a call whose tensors fit one chunk and
+ * whose tiles are all resident at once (a cooperative launch, one block per
+ * tile). Each block loads its tile's p, g, m and v into registers, writes
+ * the tile's sum of squares (the same fixed order as adamw_sumsq_kernel
+ * inside a thread; warps in order), and computes the step's coefficients
+ * from *step and *lr; then a grid barrier (bar[0] counts arrivals, the
+ * last one resets it and advances the generation bar[1]); then every block
+ * adds all the tiles' partials in the same fixed order (so every block gets
+ * the same norm, bit for bit), forms the clip factor and updates its tile
+ * from the registers. Block 0 writes the norm and the new step (every block
+ * read *step before the barrier). The loads' latency overlaps the barrier:
+ * the gradients are read once, not twice. */
+#define AW_REGS (4 * AW_UNROLL) /* elements of one array per thread */
+__device__ __forceinline__ int64_t aw_index(bool vec, int64_t e0, int q, int tid) {
+  return vec ? e0 + 4 * ((int64_t)(q >> 2) * AW_THREADS + tid) + (q & 3)
+             : e0 + (int64_t)q * AW_THREADS + tid;
+}
+
+__global__ void __launch_bounds__(AW_THREADS, 2)
+    adamw_norm_update_kernel(const aw_table tab, const aw_hyper h, const aw_shared sh,
+                             unsigned *bar) {
+  __shared__ double warp_sums[AW_THREADS / 32];
+  __shared__ aw_coef coef_s;
+  __shared__ int32_t t_s;
+  const int64_t tile = blockIdx.x; /* grid == tiles, every one valid */
+  const int tid = threadIdx.x;
+  const int k = aw_find(tab, tile);
+  const int64_t n = tab.n[k];
+  const int64_t e0 = (tile - tab.tile_start[k]) * AW_TILE;
+  float *p = tab.p[k], *m = tab.m[k], *v = tab.v[k];
+  const float *g = tab.g[k];
+  const bool vec = (tab.vec_mask >> k) & 1u;
+
+  float P[AW_REGS], G[AW_REGS], M[AW_REGS], V[AW_REGS];
+  if (vec) {
+#pragma unroll
+    for (int u = 0; u < AW_UNROLL; u++) {
+      const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+      if (e + 4 <= n) {
+        const float4 a = __ldcs((const float4 *)(p + e)), b = __ldcs((const float4 *)(g + e));
+        const float4 c = __ldcs((const float4 *)(m + e)), d = __ldcs((const float4 *)(v + e));
+        P[4 * u] = a.x; P[4 * u + 1] = a.y; P[4 * u + 2] = a.z; P[4 * u + 3] = a.w;
+        G[4 * u] = b.x; G[4 * u + 1] = b.y; G[4 * u + 2] = b.z; G[4 * u + 3] = b.w;
+        M[4 * u] = c.x; M[4 * u + 1] = c.y; M[4 * u + 2] = c.z; M[4 * u + 3] = c.w;
+        V[4 * u] = d.x; V[4 * u + 1] = d.y; V[4 * u + 2] = d.z; V[4 * u + 3] = d.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const int64_t i = e + j;
+          const bool in = i < n;
+          P[4 * u + j] = in ? p[i] : 0.0f;
+          G[4 * u + j] = in ? g[i] : 0.0f;
+          M[4 * u + j] = in ? m[i] : 0.0f;
+          V[4 * u + j] = in ? v[i] : 0.0f;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < AW_REGS; q++) {
+      const int64_t i = aw_index(false, e0, q, tid);
+      const bool in = i < n;
+      P[q] = in ? p[i] : 0.0f;
+      G[q] = in ? g[i] : 0.0f;
+      M[q] = in ? m[i] : 0.0f;
+      V[q] = in ? v[i] : 0.0f;
+    }
+  }
+
+  /* This tile's sum of squares (out-of-range elements are 0). */
+  double s = 0.0;
+#pragma unroll
+  for (int q = 0; q < AW_REGS; q++) s = fma((double)G[q], (double)G[q], s);
+  s = aw_block_sum(s, warp_sums);
+  if (tid == 0) {
+    sh.partial[tile] = s;
+    int32_t t;
+    coef_s = aw_coefficients(h, *sh.step, *sh.lr, 1.0, &t);
+    t_s = t;
+    /* grid barrier */
+    volatile unsigned *vbar = bar;
+    const unsigned gen = vbar[1];
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+      vbar[0] = 0u;
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (vbar[1] == gen) {
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+
+  /* The norm, identically in every block. */
+  double ss = 0.0;
+  for (int64_t i = tid; i < sh.total_tiles; i += AW_THREADS) ss += __ldcg(sh.partial + i);
+  ss = aw_block_sum(ss, warp_sums);
+  if (tid == 0) {
+    const double norm = sqrt(ss);
+    double clip = 1.0;
+    if (h.max_norm > 0.0) {
+      const double q = h.max_norm / (norm + 1e-6);
+      clip = q < 1.0 ? q : 1.0; /* NaN norm: 1 (m and v become NaN anyway) */
+    }
+    coef_s.clip = (float)clip;
+    if (tile == 0) {
+      if (sh.grad_norm) *sh.grad_norm = (float)norm;
+      *sh.step = t_s;
+    }
+  }
+  __syncthreads();
+  const aw_coef c = coef_s;
+  const float decay = ((tab.decay_mask >> k) & 1u) ? c.decay_factor : 1.0f;
+#pragma unroll
+  for (int q = 0; q < AW_REGS; q++) aw_elem(P[q], G[q], M[q], V[q], c, h, decay);
+  if (vec) {
+#pragma unroll
+    for (int u = 0; u < AW_UNROLL; u++) {
+      const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+      if (e + 4 <= n) {
+        __stcs((float4 *)(p + e), make_float4(P[4 * u], P[4 * u + 1], P[4 * u + 2], P[4 * u + 3]));
+        __stcs((float4 *)(m + e), make_float4(M[4 * u], M[4 * u + 1], M[4 * u + 2], M[4 * u + 3]));
+        __stcs((float4 *)(v + e), make_float4(V[4 * u], V[4 * u + 1], V[4 * u + 2], V[4 * u + 3]));
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+          if (e + j < n) {
+            p[e + j] = P[4 * u + j];
+            m[e + j] = M[4 * u + j];
+            v[e + j] = V[4 * u + j];
+          }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < AW_REGS; q++) {
+      const int64_t i = aw_index(false, e0, q, tid);
+      if (i < n) {
+        p[i] = P[q];
+        m[i] = M[q];
+        v[i] = V[q];
+      }
+    }
+  }
+}
+
 /* One chunk of the tensor table: host copy plus its tile count and the
  * global index of its first tile. */
 struct aw_chunk {
@@ -372,9 +526,28 @@ void fill_table(aw_table *tab, const mx_adamw_args *a, const aw_chunk &c) {
   tab->count = k;
 }
 
-/* Per-device ticket counters (0 between calls), allocated on first use
- * under the device mutex and kept for the life of the process. */
+/* Per-device words, allocated on first use under the device mutex and
+ * kept for the life of the process: [0] the ticket counter (0 between
+ * calls), [1] and [2] the one-launch kernel's barrier (arrivals, 0 between
+ * calls; generation). */
 unsigned *g_ticket[MX_MAX_CUDA_DEVICES];
+#define AW_WORDS 3
+
+/* Blocks of adamw_norm_update_kernel that fit on the device at once, plus
+ * one (0: not asked yet); asked once per device, under its mutex. */
+int g_coresident[MX_MAX_CUDA_DEVICES];
+
+int coresident_blocks(mx_cuda_dev *d, mx_err *err, int64_t *out) {
+  if (g_coresident[d->index] == 0) {
+    int per_sm = 0;
+    int rc = MX_CUDA_CALL(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                      &per_sm, adamw_norm_update_kernel, AW_THREADS, 0));
+    if (rc != MX_OK) return rc;
+    g_coresident[d->index] = 1 + per_sm * d->sm_count;
+  }
+  *out = g_coresident[d->index] - 1;
+  return MX_OK;
+}
 
 } // namespace
 
@@ -432,8 +605,9 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
   if (rc != MX_OK) return rc;
   if (!g_ticket[d->index]) {
     unsigned *tk = NULL;
-    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&tk, sizeof(unsigned), d->stream));
-    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemsetAsync(tk, 0, sizeof(unsigned), d->stream));
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&tk, AW_WORDS * sizeof(unsigned), d->stream));
+    if (rc == MX_OK)
+      rc = MX_CUDA_CALL(d, err, cudaMemsetAsync(tk, 0, AW_WORDS * sizeof(unsigned), d->stream));
     if (rc != MX_OK) {
       if (tk) cudaFreeAsync(tk, d->stream);
       mx_cuda_unlock(d);
@@ -459,6 +633,30 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
     }
     sh.coef = (aw_coef *)scratch;
     sh.partial = (double *)(scratch + 256);
+  }
+
+  /* Norm mode over one chunk whose tiles can all be resident: one
+   * cooperative launch (adamw_norm_update_kernel). */
+  if (want_norm && nchunks == 1 && total_tiles > 0) {
+    int64_t fit = 0;
+    rc = coresident_blocks(d, err, &fit);
+    if (rc == MX_OK && total_tiles <= fit) {
+      aw_chunk c = {0, nt, total_tiles, 0};
+      aw_table tab1;
+      fill_table(&tab1, a, c);
+      unsigned *bar = g_ticket[d->index] + 1;
+      void *args[] = {(void *)&tab1, (void *)&h, (void *)&sh, (void *)&bar};
+      rc = MX_CUDA_CALL(d, err, cudaLaunchCooperativeKernel((const void *)adamw_norm_update_kernel,
+                                                            dim3((unsigned)total_tiles),
+                                                            dim3(AW_THREADS), args, 0, d->stream));
+      {
+        mx_err ignored;
+        int frc = MX_CUDA_CALL(d, rc == MX_OK ? err : &ignored, cudaFreeAsync(scratch, d->stream));
+        if (rc == MX_OK) rc = frc;
+      }
+      mx_cuda_unlock(d);
+      return rc;
+    }
   }
 
   /* The chunks again, this time launching. pass 0: sums of squares (norm

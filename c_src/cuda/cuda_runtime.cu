@@ -153,6 +153,9 @@ static int dev_setup_locked(mx_cuda_dev *d, mx_err *err) {
     return mx_cuda_fail(err, MX_E_RUNTIME,
                         "CUDA device %d does not support stream-ordered allocation", dev);
   MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int cc_major = 0, cc_minor = 0;
+  MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
 
   cudaMemPool_t pool;
   uint64_t threshold = UINT64_MAX;
@@ -171,6 +174,8 @@ static int dev_setup_locked(mx_cuda_dev *d, mx_err *err) {
     return mx_cuda_fail(err, MX_E_RUNTIME, "pthread_mutex_init failed for CUDA device %d", dev);
   }
   d->sm_count = sms > 0 ? sms : 1;
+  d->cc_major = cc_major;
+  d->cc_minor = cc_minor;
   d->stream = stream;
   d->pool = pool;
   __atomic_store_n(&d->ready, 1, __ATOMIC_RELEASE);

@@ -91,6 +91,7 @@ typedef struct {
   char lost_msg[MX_ERR_LEN]; /* the first sticky error's text (g_lost_mu) */
   int index;
   int sm_count;
+  int cc_major, cc_minor;    /* compute capability */
   cudaStream_t stream;
   cudaMemPool_t pool;
   pthread_mutex_t mu;        /* held while enqueueing */

@@ -6,6 +6,11 @@
  *
  * ---- GEMM --------------------------------------------------------------------
  *
+ * Large f32 TF32 GEMMs of the linear forward's layout (no transposes, beta
+ * 0, k in {64, 128, 256}, n a multiple of 128) on an sm_90 device run our
+ * own wgmma kernel (gemm_tf32.cu: cuBLASLt has no fast kernel for W (k, n)
+ * in TF32); everything else goes to cuBLASLt as follows.
+ *
  * Row-major C (m, n) is, read column-major, C^T (n, m) with the same leading
  * dimension, and C^T = op(B)^T op(A)^T. So cuBLASLt is asked for
  *   D (n x m, ld ldc) = alpha * opB'(Bm) * opA'(Am) + beta * C + bias
@@ -353,6 +358,11 @@ int mx_cuda_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
       gemm_scale_kernel<mx_t_bf16><<<grid, MX_BLOCK, 0, d->stream>>>(
           (uint16_t *)g->c, g->ldc, g->m, g->n, beta, beta_zero, (const uint16_t *)g->bias);
     rc = MX_CUDA_LAUNCH_RC(d, err, "gemm_scale_kernel");
+    mx_cuda_unlock(d);
+    return rc;
+  }
+  if (gemm_tf32_applies(g, d->cc_major, d->cc_minor, d->sm_count)) {
+    rc = MX_CUDA_CALL(d, err, gemm_tf32_launch(g, d->stream, d->sm_count, 0, 0));
     mx_cuda_unlock(d);
     return rc;
   }

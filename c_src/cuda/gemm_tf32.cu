@@ -1,0 +1,262 @@
+/*
+ * gemm_tf32.cu: a TF32 tensor-core GEMM for the linear forward's large
+ * shapes, on Hopper's warpgroup MMA (wgmma, sm_90a). linear.cu sends it
+ *   C (m, n) = alpha * A (m, k) . W (k, n) + bias (n)      (row-major, beta 0)
+ * when gemm_tf32_applies() says so, and cuBLASLt everything else.
+ *
+ * Why a kernel of our own: for f32 inputs wgmma reads its shared-memory
+ * operands only K-major (k contiguous). A's rows are; W (k, n) is not, so
+ * cuBLASLt runs this layout on a slower path (bench/results/
+ * linear_cublaslt_sweep_06086ae.txt). Computed transposed instead:
+ *   C^T (n x m) = W^T (n x k) . A^T (k x m)
+ * wgmma's M dimension runs over output columns n (64 per warpgroup), its N
+ * over rows of A (GT_ROWS per tile), its K over k.
+ *   - W^T is the REGISTER operand (any layout can be loaded into registers):
+ *     each warpgroup loads its 64 columns of W once, k x 64, rounded to
+ *     tf32, as wgmma A fragments (k / 2 registers a thread), and keeps them
+ *     for every tile it computes.
+ *   - A^T is the SHARED-MEMORY operand, K-major as required: tiles of
+ *     GT_ROWS rows of A are copied by cp.async into a GT_STAGES-deep ring, in
+ *     the no-swizzle canonical layout: core matrices of 8 rows x 16 bytes (4
+ *     k values), 128 contiguous bytes each; core (row group rg, k chunk kc)
+ *     at byte (kc * 8 + rg) * 128 of the stage. So the k-adjacent cores are
+ *     1024 bytes apart and the row-adjacent ones 128 (the descriptor's
+ *     leading and stride byte offsets).
+ *
+ * Block: two warpgroups (256 threads) own 128 output columns [n0, n0 + 128);
+ * `per_slice` blocks share a column slice and take its row tiles j, j +
+ * per_slice, j + 2 per_slice, ... Per tile: wait for the stage, one wgmma per
+ * 8 k (k / 8 of them, in order, accumulating in fp32 registers), wait, then
+ * the stage is refilled with the tile GT_STAGES ahead while this tile's
+ * results (+ bias, * alpha) are stored straight from the accumulators (a
+ * warp's store covers 4 rows x 32 contiguous bytes: whole sectors). The
+ * stores drain while the next tile's wgmmas run.
+ *
+ * Numerics: W rounded to tf32 (round to nearest, ties away), A's low 13
+ * mantissa bits ignored by the tensor cores (as cuBLAS's TF32 does), fp32
+ * accumulation in a fixed order: bit-identical from run to run, for any
+ * grid. Requirements (gemm_tf32_applies): f32, TF32 precision, no
+ * transposes, beta 0, k in {64, 128, 256}, n a multiple of 128, A 16-byte
+ * aligned with lda a multiple of 4, enough rows to fill the machine; a
+ * device of compute capability 9.0 and a build for sm_90 (the Makefile
+ * compiles this file for sm_90a and defines MX_WGMMA; otherwise it is never
+ * chosen).
+ */
+#include <stdint.h>
+
+#include "cuda_ops.h"
+
+#define GT_ROWS 64     /* rows of A per tile: wgmma's N */
+#define GT_COLS 128    /* output columns per block: 2 warpgroups x 64 */
+#define GT_STAGES 3    /* tiles of A in flight */
+#define GT_THREADS 256
+/* Default descriptor offsets of the layout above: k-adjacent cores 1024
+ * bytes apart (leading), row-adjacent 128 (stride). */
+#define GT_LBO 1024u
+#define GT_SBO 128u
+
+#if defined(MX_WGMMA)
+
+__device__ __forceinline__ uint32_t gt_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+/* Shared-memory matrix descriptor, no swizzle: start address, leading and
+ * stride byte offsets, all in 16-byte units. */
+__device__ __forceinline__ uint64_t gt_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32);
+}
+
+/* d (64 x 64 fp32 fragment) = [d +] a (64 x 8 tf32, registers) . B (8 x 64, desc) */
+__device__ __forceinline__ void gt_wgmma(float *d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint64_t desc, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32, %33, %34, %35}, %36, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(accumulate));
+}
+
+/* Wait for this warpgroup's wgmmas; the accumulators are operands so that
+ * no use of them moves above the wait. */
+__device__ __forceinline__ void gt_wgmma_wait(float *d) {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) :: "memory");
+}
+
+/* Copy rows [row0, row0 + GT_ROWS) of A (k = KC * 4 columns) into the
+ * stage at `stage` in the core-matrix layout; rows past m are zero-filled.
+ * Thread order: 8 rows of one 16-byte chunk, then the next chunk, so a
+ * warp reads 8 rows x 64 contiguous bytes and writes 4 whole cores. */
+template <int KC>
+__device__ __forceinline__ void gt_load_tile(uint32_t stage, const float *__restrict__ a,
+                                             int64_t lda, int64_t row0, int64_t m) {
+#pragma unroll
+  for (int i = 0; i < GT_ROWS * KC / GT_THREADS; i++) {
+    const int c = (int)threadIdx.x + i * GT_THREADS;
+    const int r_lo = c & 7, rest = c >> 3;
+    const int kc = rest % KC, rg = rest / KC;
+    const int64_t row = row0 + rg * 8 + r_lo;
+    const bool in = row < m;
+    const float *src = a + (in ? row : 0) * lda + kc * 4;
+    const uint32_t dst = stage + (uint32_t)((kc * 8 + rg) * 128 + r_lo * 16);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(in ? 16 : 0)
+                 : "memory");
+  }
+}
+
+/* KS = k / 8 wgmma steps per tile. */
+template <int KS>
+__global__ void __launch_bounds__(GT_THREADS, 1)
+    gemm_tf32_kernel(const float *__restrict__ a, int64_t lda, const float *__restrict__ w,
+                     int64_t ldb, const float *__restrict__ bias, float *__restrict__ c,
+                     int64_t ldc, int64_t m, float alpha, int tiles, int per_slice, uint32_t lbo,
+                     uint32_t sbo) {
+  constexpr int KC = 2 * KS;                   /* 16-byte chunks of a row */
+  constexpr uint32_t STAGE = GT_ROWS * KC * 16; /* bytes of a stage */
+  extern __shared__ __align__(128) unsigned char gt_smem[];
+  const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gt_smem);
+  const int slice = blockIdx.x / per_slice, j = blockIdx.x % per_slice;
+  const int tid = threadIdx.x, wg = tid >> 7, q = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t nb = (int64_t)slice * GT_COLS + wg * 64; /* this warpgroup's first column */
+
+  /* The first GT_STAGES tiles of A, one commit group each (empty groups
+   * keep the count uniform). */
+#pragma unroll
+  for (int s = 0; s < GT_STAGES; s++) {
+    const int tile = j + s * per_slice;
+    if (tile < tiles) gt_load_tile<KC>(smem + s * STAGE, a, lda, (int64_t)tile * GT_ROWS, m);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+
+  /* W^T fragments of the warpgroup's 64 columns: step s holds rows
+   * nb + 16 q + g (+ 8) of W^T, k = 8 s + t (+ 4). */
+  uint32_t wf[4 * KS];
+  {
+    const float *w0 = w + (int64_t)t * ldb + nb + 16 * q + g;
+#pragma unroll
+    for (int s = 0; s < KS; s++) {
+      const float *p = w0 + (int64_t)(8 * s) * ldb;
+      wf[4 * s + 0] = gt_tf32(__ldg(p));
+      wf[4 * s + 1] = gt_tf32(__ldg(p + 8));
+      wf[4 * s + 2] = gt_tf32(__ldg(p + 4 * ldb));
+      wf[4 * s + 3] = gt_tf32(__ldg(p + 4 * ldb + 8));
+    }
+  }
+  const int64_t col0 = nb + 16 * q + g; /* accumulator rows g and g + 8 of C^T */
+  const float bias0 = bias ? __ldg(bias + col0) : 0.0f;
+  const float bias1 = bias ? __ldg(bias + col0 + 8) : 0.0f;
+
+  float d[32];
+  for (int it = 0;; it++) {
+    const int tile = j + it * per_slice;
+    if (tile >= tiles) break;
+    const uint32_t stage = smem + (uint32_t)(it % GT_STAGES) * STAGE;
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(GT_STAGES - 1) : "memory");
+    /* cp.async wrote through the generic proxy; wgmma reads through the
+     * async proxy. */
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < KS; s++)
+      gt_wgmma(d, wf[4 * s], wf[4 * s + 1], wf[4 * s + 2], wf[4 * s + 3],
+               gt_desc(stage + (uint32_t)s * 2u * 1024u, lbo, sbo), s > 0);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    gt_wgmma_wait(d);
+    __syncthreads(); /* both warpgroups are done with the stage */
+    {
+      const int next = tile + GT_STAGES * per_slice;
+      if (next < tiles) gt_load_tile<KC>(stage, a, lda, (int64_t)next * GT_ROWS, m);
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    /* d[i]: C^T row 16 q + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t + (i & 1). */
+    const int64_t row0 = (int64_t)tile * GT_ROWS;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+      const int64_t row = row0 + 8 * (i >> 2) + 2 * t + (i & 1);
+      const int hi = (i >> 1) & 1;
+      if (row < m)
+        c[row * ldc + col0 + 8 * hi] = __fadd_rn(__fmul_rn(alpha, d[i]), hi ? bias1 : bias0);
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+template <int KS>
+static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
+                             uint32_t lbo, uint32_t sbo) {
+  const size_t smem = (size_t)GT_STAGES * GT_ROWS * KS * 8 * 4;
+  static int attr_set = 0; /* per process; the attribute is per function, all devices */
+  if (!attr_set) {
+    cudaError_t e = cudaFuncSetAttribute(gemm_tf32_kernel<KS>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+    attr_set = 1;
+  }
+  const int slices = (int)(g->n / GT_COLS);
+  const int tiles = (int)((g->m + GT_ROWS - 1) / GT_ROWS);
+  int per_slice = sm_count / slices;
+  if (per_slice < 1) per_slice = 1;
+  if (per_slice > tiles) per_slice = tiles;
+  gemm_tf32_kernel<KS><<<slices * per_slice, GT_THREADS, smem, stream>>>(
+      (const float *)g->a, g->lda, (const float *)g->b, g->ldb, (const float *)g->bias,
+      (float *)g->c, g->ldc, g->m, (float)g->alpha, tiles, per_slice, lbo, sbo);
+  return cudaGetLastError();
+}
+
+int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor, int sm_count) {
+  if (cc_major != 9 || cc_minor != 0 || sm_count < 1) return 0;
+  if (g->dtype != MX_F32 || g->precision != MX_PREC_TF32 || g->trans_a || g->trans_b) return 0;
+  if (g->beta != 0.0 || !(g->k == 64 || g->k == 128 || g->k == 256)) return 0;
+  if (g->n < GT_COLS || g->n % GT_COLS != 0 || g->n > ((int64_t)1 << 24)) return 0;
+  if (((uintptr_t)g->a & 15u) != 0 || g->lda % 4 != 0) return 0;
+  if (g->m > ((int64_t)1 << 30)) return 0; /* tiles fit an int */
+  /* Enough rows that every block of the grid gets at least 4 tiles: below
+   * that the W fragments' load is not amortised (and cuBLASLt is fine). */
+  const int64_t slices = g->n / GT_COLS;
+  int64_t per_slice = sm_count / slices;
+  if (per_slice < 1) per_slice = 1;
+  return g->m >= per_slice * 4 * GT_ROWS;
+}
+
+cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
+                             uint32_t lbo, uint32_t sbo) {
+  if (lbo == 0 && sbo == 0) {
+    lbo = GT_LBO;
+    sbo = GT_SBO;
+  }
+  switch (g->k) {
+  case 64: return gt_launch<8>(g, stream, sm_count, lbo, sbo);
+  case 128: return gt_launch<16>(g, stream, sm_count, lbo, sbo);
+  case 256: return gt_launch<32>(g, stream, sm_count, lbo, sbo);
+  default: return cudaErrorInvalidValue;
+  }
+}
+
+#else /* built without sm_90a: never chosen */
+
+int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor, int sm_count) {
+  (void)g;
+  (void)cc_major;
+  (void)cc_minor;
+  (void)sm_count;
+  return 0;
+}
+
+cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
+                             uint32_t lbo, uint32_t sbo) {
+  (void)g;
+  (void)stream;
+  (void)sm_count;
+  (void)lbo;
+  (void)sbo;
+  return cudaErrorInvalidDeviceFunction;
+}
+
+#endif
