@@ -37,9 +37,12 @@
    - with the norm wanted, one chunk, and every tile resident at once (one
  *     block per tile; 2^20 parameters are 256 tiles, an H200 holds 264):
  *     ONE cooperative launch of adamw_norm_update_kernel instead: tiles
- *     loaded into registers, per-tile partial sums, a grid barrier, every
- *     block adds all partials in the same order (same norm everywhere),
- *     then updates from the registers. The gradients are read once.
+ *     loaded into registers, per-tile partial sums published in
+ *     epoch-stamped slots that double as the grid barrier, every block adds
+ *     all partials in the same order (same norm everywhere), then updates
+ *     from the registers. The gradients are read once. Its partials are
+ *     rounded to float (the two-launch path keeps doubles), so the two
+ *     paths' norms may differ in the last bits; each is deterministic.
  * So AdamW over tensors that fit one chunk is 1 launch with or without the
  * norm (2 with it when the tiles do not all fit at once). The ticket counter is a per-device word allocated once (under
  * the device mutex) and reset to 0 by the block that used it last; the
@@ -349,30 +352,52 @@ __global__ void __launch_bounds__(AW_THREADS)
 
 /* Norm mode in ONE launch, for a call whose tensors fit one chunk and
  * whose tiles are all resident at once (a cooperative launch, one block per
- * tile). Each block loads its tile's p, g, m and v into registers, writes
- * the tile's sum of squares (the same fixed order as adamw_sumsq_kernel
- * inside a thread; warps in order), and computes the step's coefficients
- * from *step and *lr; then a grid barrier (bar[0] counts arrivals, the
- * last one resets it and advances the generation bar[1]); then every block
- * adds all the tiles' partials in the same fixed order (so every block gets
- * the same norm, bit for bit), forms the clip factor and updates its tile
- * from the registers. Block 0 writes the norm and the new step (every block
- * read *step before the barrier). The loads' latency overlaps the barrier:
- * the gradients are read once, not twice. */
+ * tile). Each block loads its tile's p, g, m and v into registers and
+ * forms the tile's sum of squares (fixed order inside a thread, warps in
+ * order), rounded to float, and publishes it in its slot of `slots` as ONE
+ * 64-bit word: (epoch << 32) | float bits, with a release store. `epoch`
+ * is new for every launch on the device (adamw.cu's per-device counter;
+ * the slots keep older epochs between calls), so the word is both the
+ * value and the flag that it is current: thread i of every block polls
+ * slot i (acquire) until it carries this epoch, and the barrier and the
+ * read of the partials are one round trip. Every block then adds the
+ * partials (double) in the same fixed order, so every block gets the same
+ * norm, bit for bit, forms the clip factor and updates its tile from the
+ * registers. The step's coefficients are computed by thread 0 while it
+ * waits; block 0 writes the norm and the new step (every block read *step
+ * before its release store, and block 0 writes only after acquiring every
+ * slot). The gradients are read once. */
 #define AW_REGS (4 * AW_UNROLL) /* elements of one array per thread */
 __device__ __forceinline__ int64_t aw_index(bool vec, int64_t e0, int q, int tid) {
   return vec ? e0 + 4 * ((int64_t)(q >> 2) * AW_THREADS + tid) + (q & 3)
              : e0 + (int64_t)q * AW_THREADS + tid;
 }
 
+__device__ __forceinline__ void aw_store_release(unsigned long long *p, unsigned long long v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long aw_load_acquire(const unsigned long long *p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __global__ void __launch_bounds__(AW_THREADS, 2)
     adamw_norm_update_kernel(const aw_table tab, const aw_hyper h, const aw_shared sh,
-                             unsigned *bar) {
+                             unsigned long long *slots, unsigned epoch) {
   __shared__ double warp_sums[AW_THREADS / 32];
   __shared__ aw_coef coef_s;
   __shared__ int32_t t_s;
   const int64_t tile = blockIdx.x; /* grid == tiles, every one valid */
   const int tid = threadIdx.x;
+  /* thread 0's loads of the step and lr are in flight with the tile's */
+  int32_t step0 = 0;
+  float lr0 = 0.0f;
+  if (tid == 0) {
+    step0 = *sh.step;
+    lr0 = *sh.lr;
+  }
   const int k = aw_find(tab, tile);
   const int64_t n = tab.n[k];
   const int64_t e0 = (tile - tab.tile_start[k]) * AW_TILE;
@@ -386,10 +411,20 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
     for (int u = 0; u < AW_UNROLL; u++) {
       const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
       if (e + 4 <= n) {
-        const float4 a = __ldcs((const float4 *)(p + e)), b = __ldcs((const float4 *)(g + e));
+        const float4 b = __ldcs((const float4 *)(g + e));
+        G[4 * u] = b.x; G[4 * u + 1] = b.y; G[4 * u + 2] = b.z; G[4 * u + 3] = b.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; j++) G[4 * u + j] = e + j < n ? g[e + j] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < AW_UNROLL; u++) {
+      const int64_t e = e0 + 4 * ((int64_t)u * AW_THREADS + tid);
+      if (e + 4 <= n) {
+        const float4 a = __ldcs((const float4 *)(p + e));
         const float4 c = __ldcs((const float4 *)(m + e)), d = __ldcs((const float4 *)(v + e));
         P[4 * u] = a.x; P[4 * u + 1] = a.y; P[4 * u + 2] = a.z; P[4 * u + 3] = a.w;
-        G[4 * u] = b.x; G[4 * u + 1] = b.y; G[4 * u + 2] = b.z; G[4 * u + 3] = b.w;
         M[4 * u] = c.x; M[4 * u + 1] = c.y; M[4 * u + 2] = c.z; M[4 * u + 3] = c.w;
         V[4 * u] = d.x; V[4 * u + 1] = d.y; V[4 * u + 2] = d.z; V[4 * u + 3] = d.w;
       } else {
@@ -398,7 +433,6 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
           const int64_t i = e + j;
           const bool in = i < n;
           P[4 * u + j] = in ? p[i] : 0.0f;
-          G[4 * u + j] = in ? g[i] : 0.0f;
           M[4 * u + j] = in ? m[i] : 0.0f;
           V[4 * u + j] = in ? v[i] : 0.0f;
         }
@@ -416,35 +450,29 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
     }
   }
 
-  /* This tile's sum of squares (out-of-range elements are 0). */
+  /* This tile's sum of squares (out-of-range elements are 0), published. */
   double s = 0.0;
 #pragma unroll
   for (int q = 0; q < AW_REGS; q++) s = fma((double)G[q], (double)G[q], s);
   s = aw_block_sum(s, warp_sums);
   if (tid == 0) {
-    sh.partial[tile] = s;
+    const float part = (float)s;
+    aw_store_release(slots + tile, ((unsigned long long)epoch << 32) | __float_as_uint(part));
     int32_t t;
-    coef_s = aw_coefficients(h, *sh.step, *sh.lr, 1.0, &t);
+    coef_s = aw_coefficients(h, step0, lr0, 1.0, &t);
     t_s = t;
-    /* grid barrier */
-    volatile unsigned *vbar = bar;
-    const unsigned gen = vbar[1];
-    __threadfence();
-    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-      vbar[0] = 0u;
-      __threadfence();
-      atomicAdd(bar + 1, 1u);
-    } else {
-      while (vbar[1] == gen) {
-      }
-    }
-    __threadfence();
   }
-  __syncthreads();
 
-  /* The norm, identically in every block. */
+  /* Every tile's partial, in tile order within each thread. */
   double ss = 0.0;
-  for (int64_t i = tid; i < sh.total_tiles; i += AW_THREADS) ss += __ldcg(sh.partial + i);
+  for (int64_t i = tid; i < sh.total_tiles; i += AW_THREADS) {
+    unsigned long long w;
+    do {
+      w = aw_load_acquire(slots + i);
+    } while ((unsigned)(w >> 32) != epoch);
+    ss += (double)__uint_as_float((unsigned)(w & 0xffffffffu));
+  }
+  __syncthreads(); /* warp_sums is read by thread 0 above */
   ss = aw_block_sum(ss, warp_sums);
   if (tid == 0) {
     const double norm = sqrt(ss);
@@ -526,16 +554,18 @@ void fill_table(aw_table *tab, const mx_adamw_args *a, const aw_chunk &c) {
   tab->count = k;
 }
 
-/* Per-device words, allocated on first use under the device mutex and
- * kept for the life of the process: [0] the ticket counter (0 between
- * calls), [1] and [2] the one-launch kernel's barrier (arrivals, 0 between
- * calls; generation). */
+/* Per-device ticket counters (0 between calls), allocated on first use
+ * under the device mutex and kept for the life of the process. */
 unsigned *g_ticket[MX_MAX_CUDA_DEVICES];
-#define AW_WORDS 3
 
-/* Blocks of adamw_norm_update_kernel that fit on the device at once, plus
- * one (0: not asked yet); asked once per device, under its mutex. */
+/* The one-launch kernel's per-device state, made on first use under the
+ * device mutex and kept for the life of the process: how many of its
+ * blocks fit at once plus one (0: not asked yet), one slot per such block,
+ * and the last epoch used (launches are enqueued under the mutex, so
+ * epochs increase in stream order; 0 is never used, slots start at 0). */
 int g_coresident[MX_MAX_CUDA_DEVICES];
+unsigned long long *g_slots[MX_MAX_CUDA_DEVICES];
+unsigned g_epoch[MX_MAX_CUDA_DEVICES];
 
 int coresident_blocks(mx_cuda_dev *d, mx_err *err, int64_t *out) {
   if (g_coresident[d->index] == 0) {
@@ -543,7 +573,19 @@ int coresident_blocks(mx_cuda_dev *d, mx_err *err, int64_t *out) {
     int rc = MX_CUDA_CALL(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                                       &per_sm, adamw_norm_update_kernel, AW_THREADS, 0));
     if (rc != MX_OK) return rc;
-    g_coresident[d->index] = 1 + per_sm * d->sm_count;
+    const int blocks = per_sm * d->sm_count;
+    unsigned long long *slots = NULL;
+    if (blocks > 0) {
+      const size_t bytes = (size_t)blocks * sizeof *slots;
+      rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&slots, bytes, d->stream));
+      if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemsetAsync(slots, 0, bytes, d->stream));
+      if (rc != MX_OK) {
+        if (slots) cudaFreeAsync(slots, d->stream);
+        return rc;
+      }
+    }
+    g_slots[d->index] = slots;
+    g_coresident[d->index] = 1 + blocks;
   }
   *out = g_coresident[d->index] - 1;
   return MX_OK;
@@ -605,9 +647,8 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
   if (rc != MX_OK) return rc;
   if (!g_ticket[d->index]) {
     unsigned *tk = NULL;
-    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&tk, AW_WORDS * sizeof(unsigned), d->stream));
-    if (rc == MX_OK)
-      rc = MX_CUDA_CALL(d, err, cudaMemsetAsync(tk, 0, AW_WORDS * sizeof(unsigned), d->stream));
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&tk, sizeof(unsigned), d->stream));
+    if (rc == MX_OK) rc = MX_CUDA_CALL(d, err, cudaMemsetAsync(tk, 0, sizeof(unsigned), d->stream));
     if (rc != MX_OK) {
       if (tk) cudaFreeAsync(tk, d->stream);
       mx_cuda_unlock(d);
@@ -644,8 +685,10 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
       aw_chunk c = {0, nt, total_tiles, 0};
       aw_table tab1;
       fill_table(&tab1, a, c);
-      unsigned *bar = g_ticket[d->index] + 1;
-      void *args[] = {(void *)&tab1, (void *)&h, (void *)&sh, (void *)&bar};
+      unsigned long long *slots = g_slots[d->index];
+      if (++g_epoch[d->index] == 0u) g_epoch[d->index] = 1u;
+      unsigned epoch = g_epoch[d->index];
+      void *args[] = {(void *)&tab1, (void *)&h, (void *)&sh, (void *)&slots, (void *)&epoch};
       rc = MX_CUDA_CALL(d, err, cudaLaunchCooperativeKernel((const void *)adamw_norm_update_kernel,
                                                             dim3((unsigned)total_tiles),
                                                             dim3(AW_THREADS), args, 0, d->stream));
