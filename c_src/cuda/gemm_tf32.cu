@@ -48,7 +48,14 @@
 
 #define GT_ROWS 64     /* rows of A per tile: wgmma's N */
 #define GT_COLS 128    /* output columns per block: 2 warpgroups x 64 */
+#ifndef GT_STAGES
 #define GT_STAGES 3    /* tiles of A in flight */
+#endif
+/* Probe builds only (bench/cuda/gemm_tf32_probe.cu): GT_ABLATE 1 skips the
+ * stores, 2 skips the wgmmas, to see which part bounds the time. */
+#ifndef GT_ABLATE
+#define GT_ABLATE 0
+#endif
 #define GT_THREADS 256
 /* Default descriptor offsets of the layout above: k-adjacent cores 1024
  * bytes apart (leading), row-adjacent 128 (stride). */
@@ -162,13 +169,18 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
      * async proxy. */
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    if (GT_ABLATE != 2) {
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (int s = 0; s < KS; s++)
-      gt_wgmma(d, wf[4 * s], wf[4 * s + 1], wf[4 * s + 2], wf[4 * s + 3],
-               gt_desc(stage + (uint32_t)s * 2u * 1024u, lbo, sbo), s > 0);
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    gt_wgmma_wait(d);
+      for (int s = 0; s < KS; s++)
+        gt_wgmma(d, wf[4 * s], wf[4 * s + 1], wf[4 * s + 2], wf[4 * s + 3],
+                 gt_desc(stage + (uint32_t)s * 2u * 1024u, lbo, sbo), s > 0);
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      gt_wgmma_wait(d);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; i++) d[i] = __uint_as_float(wf[i] ^ wf[4 * KS - 1 - i]);
+    }
     __syncthreads(); /* both warpgroups are done with the stage */
     {
       const int next = tile + GT_STAGES * per_slice;
@@ -181,7 +193,7 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
     for (int i = 0; i < 32; i++) {
       const int64_t row = row0 + 8 * (i >> 2) + 2 * t + (i & 1);
       const int hi = (i >> 1) & 1;
-      if (row < m)
+      if (row < m && GT_ABLATE != 1)
         c[row * ldc + col0 + 8 * hi] = __fadd_rn(__fmul_rn(alpha, d[i]), hi ? bias1 : bias0);
     }
   }
