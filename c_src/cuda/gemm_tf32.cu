@@ -16,28 +16,32 @@
  *     tf32, as wgmma A fragments (k / 2 registers a thread), and keeps them
  *     for every tile it computes.
  *   - A^T is the SHARED-MEMORY operand, K-major as required: tiles of
- *     GT_ROWS rows of A are copied by cp.async into a GT_STAGES-deep ring, in
- *     the no-swizzle canonical layout: core matrices of 8 rows x 16 bytes (4
- *     k values), 128 contiguous bytes each; core (row group rg, k chunk kc)
- *     at byte (kc * 8 + rg) * 128 of the stage. So the k-adjacent cores are
- *     1024 bytes apart and the row-adjacent ones 128 (the descriptor's
- *     leading and stride byte offsets).
+ *     GT_ROWS rows of A are copied by cp.async into a GT_STAGES-deep ring in
+ *     the 128-byte-swizzle layout: per block of 32 k values, a region of
+ *     GT_ROWS rows x 128 bytes (8 KB), 16-byte chunk c of row r at chunk
+ *     position c ^ (r & 7). Eight lanes copy one row's 128 contiguous bytes
+ *     (whole lines from L2) into 8 distinct bank groups. Each wgmma step
+ *     (8 k) starts 32 bytes further into the region; 8-row groups are 1024
+ *     bytes apart (the descriptor's stride offset).
  *
  * Block: two warpgroups (256 threads) own 128 output columns [n0, n0 + 128);
  * `per_slice` blocks share a column slice and take its row tiles j, j +
  * per_slice, j + 2 per_slice, ... Per tile: wait for the stage, one wgmma per
  * 8 k (k / 8 of them, in order, accumulating in fp32 registers), wait, then
- * the stage is refilled with the tile GT_STAGES ahead while this tile's
- * results (+ bias, * alpha) are stored straight from the accumulators (a
- * warp's store covers 4 rows x 32 contiguous bytes: whole sectors). The
- * stores drain while the next tile's wgmmas run.
+ * the stage is refilled with the tile GT_STAGES ahead; each warpgroup
+ * writes its 64 x 64 results into its own staging area (transposed back to
+ * rows of C, 16-byte columns XOR-swizzled by row: no bank conflicts either
+ * way), and stores them as 16-byte vectors (+ bias, * alpha), a warp
+ * covering 2 rows x 256 contiguous bytes. The stores drain while the next
+ * tile's wgmmas run.
  *
  * Numerics: W rounded to tf32 (round to nearest, ties away), A's low 13
  * mantissa bits ignored by the tensor cores (as cuBLAS's TF32 does), fp32
  * accumulation in a fixed order: bit-identical from run to run, for any
  * grid. Requirements (gemm_tf32_applies): f32, TF32 precision, no
- * transposes, beta 0, k in {64, 128, 256}, n a multiple of 128, A 16-byte
- * aligned with lda a multiple of 4, enough rows to fill the machine; a
+ * transposes, beta 0, k in {64, 128, 256}, n a multiple of 128, A and C
+ * 16-byte aligned with lda and ldc multiples of 4 (bias too when given),
+ * enough rows to fill the machine; a
  * device of compute capability 9.0 and a build for sm_90 (the Makefile
  * compiles this file for sm_90a and defines MX_WGMMA; otherwise it is never
  * chosen).
@@ -57,10 +61,11 @@
 #define GT_ABLATE 0
 #endif
 #define GT_THREADS 256
-/* Default descriptor offsets of the layout above: k-adjacent cores 1024
- * bytes apart (leading), row-adjacent 128 (stride). */
-#define GT_LBO 1024u
-#define GT_SBO 128u
+/* Descriptor offsets of the swizzled layout: 8-row groups 1024 bytes apart
+ * (stride); the leading offset is not used by K-major swizzled layouts. */
+#define GT_LBO 16u
+#define GT_SBO 1024u
+#define GT_STAGING (GT_ROWS * 64 * 4) /* bytes of one warpgroup's staging */
 
 #if defined(MX_WGMMA)
 
@@ -70,11 +75,12 @@ __device__ __forceinline__ uint32_t gt_tf32(float x) {
   return r;
 }
 
-/* Shared-memory matrix descriptor, no swizzle: start address, leading and
- * stride byte offsets, all in 16-byte units. */
+/* Shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits
+ * 62-63): start address, leading and stride byte offsets, in 16-byte
+ * units. */
 __device__ __forceinline__ uint64_t gt_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
-         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32);
+         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32) | ((uint64_t)1 << 62);
 }
 
 /* d (64 x 64 fp32 fragment) = [d +] a (64 x 8 tf32, registers) . B (8 x 64, desc) */
@@ -94,22 +100,22 @@ __device__ __forceinline__ void gt_wgmma_wait(float *d) {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) :: "memory");
 }
 
-/* Copy rows [row0, row0 + GT_ROWS) of A (k = KC * 4 columns) into the
- * stage at `stage` in the core-matrix layout; rows past m are zero-filled.
- * Thread order: 8 rows of one 16-byte chunk, then the next chunk, so a
- * warp reads 8 rows x 64 contiguous bytes and writes 4 whole cores. */
-template <int KC>
+/* Copy rows [row0, row0 + GT_ROWS) of A (k = KB * 32 columns) into the
+ * stage at `stage` in the swizzled layout; rows past m are zero-filled.
+ * Thread order: the 8 chunks of one 128-byte piece, then the row's next
+ * piece, so a warp reads 512 contiguous bytes of a row (k >= 128). */
+template <int KB>
 __device__ __forceinline__ void gt_load_tile(uint32_t stage, const float *__restrict__ a,
                                              int64_t lda, int64_t row0, int64_t m) {
 #pragma unroll
-  for (int i = 0; i < GT_ROWS * KC / GT_THREADS; i++) {
-    const int c = (int)threadIdx.x + i * GT_THREADS;
-    const int r_lo = c & 7, rest = c >> 3;
-    const int kc = rest % KC, rg = rest / KC;
-    const int64_t row = row0 + rg * 8 + r_lo;
+  for (int i = 0; i < GT_ROWS * KB * 8 / GT_THREADS; i++) {
+    const int id = (int)threadIdx.x + i * GT_THREADS;
+    const int ch = id & 7, rest = id >> 3;
+    const int kb = rest % KB, r = rest / KB;
+    const int64_t row = row0 + r;
     const bool in = row < m;
-    const float *src = a + (in ? row : 0) * lda + kc * 4;
-    const uint32_t dst = stage + (uint32_t)((kc * 8 + rg) * 128 + r_lo * 16);
+    const float *src = a + (in ? row : 0) * lda + kb * 32 + ch * 4;
+    const uint32_t dst = stage + (uint32_t)(kb * GT_ROWS * 128 + r * 128 + ((ch ^ (r & 7)) << 4));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(in ? 16 : 0)
                  : "memory");
@@ -123,21 +129,27 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
                      int64_t ldb, const float *__restrict__ bias, float *__restrict__ c,
                      int64_t ldc, int64_t m, float alpha, int tiles, int per_slice, uint32_t lbo,
                      uint32_t sbo) {
-  constexpr int KC = 2 * KS;                   /* 16-byte chunks of a row */
-  constexpr uint32_t STAGE = GT_ROWS * KC * 16; /* bytes of a stage */
-  extern __shared__ __align__(128) unsigned char gt_smem[];
-  const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gt_smem);
+  constexpr int KB = KS / 4;                       /* 32-k blocks of a row */
+  constexpr uint32_t STAGE = GT_ROWS * KB * 128;   /* bytes of a stage */
+  extern __shared__ __align__(1024) unsigned char gt_smem[];
+  /* the swizzle pattern repeats every 1024 bytes: align the ring to it */
+  const uint32_t raw = (uint32_t)__cvta_generic_to_shared(gt_smem);
+  const uint32_t smem = (raw + 1023u) & ~1023u;
+  unsigned char *const smem_ptr = gt_smem + (smem - raw);
   const int slice = blockIdx.x / per_slice, j = blockIdx.x % per_slice;
   const int tid = threadIdx.x, wg = tid >> 7, q = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2, t = lane & 3, wtid = tid & 127;
   const int64_t nb = (int64_t)slice * GT_COLS + wg * 64; /* this warpgroup's first column */
+  /* this warpgroup's staging: 64 rows of C x 16 float4, float4 column
+   * n4 of row r at position n4 ^ (r & 7) */
+  float *const stg = (float *)(smem_ptr + GT_STAGES * STAGE + wg * GT_STAGING);
 
   /* The first GT_STAGES tiles of A, one commit group each (empty groups
    * keep the count uniform). */
 #pragma unroll
   for (int s = 0; s < GT_STAGES; s++) {
     const int tile = j + s * per_slice;
-    if (tile < tiles) gt_load_tile<KC>(smem + s * STAGE, a, lda, (int64_t)tile * GT_ROWS, m);
+    if (tile < tiles) gt_load_tile<KB>(smem + s * STAGE, a, lda, (int64_t)tile * GT_ROWS, m);
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
 
@@ -155,9 +167,10 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
       wf[4 * s + 3] = gt_tf32(__ldg(p + 4 * ldb + 8));
     }
   }
-  const int64_t col0 = nb + 16 * q + g; /* accumulator rows g and g + 8 of C^T */
-  const float bias0 = bias ? __ldg(bias + col0) : 0.0f;
-  const float bias1 = bias ? __ldg(bias + col0 + 8) : 0.0f;
+  /* The epilogue's column: float4 n4 = wtid & 15 of the warpgroup's 64. */
+  const int n4 = wtid & 15;
+  float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (bias) bias4 = __ldg((const float4 *)(bias + nb + 4 * n4));
 
   float d[32];
   for (int it = 0;; it++) {
@@ -174,27 +187,45 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
 #pragma unroll
       for (int s = 0; s < KS; s++)
         gt_wgmma(d, wf[4 * s], wf[4 * s + 1], wf[4 * s + 2], wf[4 * s + 3],
-                 gt_desc(stage + (uint32_t)s * 2u * 1024u, lbo, sbo), s > 0);
+                 gt_desc(stage + (uint32_t)((s >> 2) * GT_ROWS * 128 + (s & 3) * 32), lbo, sbo),
+                 s > 0);
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       gt_wgmma_wait(d);
     } else {
 #pragma unroll
       for (int i = 0; i < 32; i++) d[i] = __uint_as_float(wf[i] ^ wf[4 * KS - 1 - i]);
     }
-    __syncthreads(); /* both warpgroups are done with the stage */
+    /* Both warpgroups are done with the stage, and with reading their
+     * staging for the previous tile. */
+    __syncthreads();
     {
       const int next = tile + GT_STAGES * per_slice;
-      if (next < tiles) gt_load_tile<KC>(stage, a, lda, (int64_t)next * GT_ROWS, m);
+      if (next < tiles) gt_load_tile<KB>(stage, a, lda, (int64_t)next * GT_ROWS, m);
       asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
-    /* d[i]: C^T row 16 q + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t + (i & 1). */
-    const int64_t row0 = (int64_t)tile * GT_ROWS;
+    /* d[i] is C^T (16 q + g + 8 ((i >> 1) & 1), 8 (i >> 2) + 2 t + (i & 1))
+     * of this warpgroup's 64 x 64: staged as C row r, column n. */
 #pragma unroll
     for (int i = 0; i < 32; i++) {
-      const int64_t row = row0 + 8 * (i >> 2) + 2 * t + (i & 1);
-      const int hi = (i >> 1) & 1;
-      if (row < m && GT_ABLATE != 1)
-        c[row * ldc + col0 + 8 * hi] = __fadd_rn(__fmul_rn(alpha, d[i]), hi ? bias1 : bias0);
+      const int r = 8 * (i >> 2) + 2 * t + (i & 1);
+      const int n = 16 * q + g + 8 * ((i >> 1) & 1);
+      stg[r * 64 + (((n >> 2) ^ (r & 7)) << 2) + (n & 3)] = d[i];
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    const int64_t row0 = (int64_t)tile * GT_ROWS;
+#pragma unroll
+    for (int u = 0; u < GT_ROWS * 16 / 128; u++) {
+      const int r = (wtid >> 4) + 8 * u;
+      const int64_t row = row0 + r;
+      const float4 v = *(const float4 *)(stg + r * 64 + ((n4 ^ (r & 7)) << 2));
+      if (row < m && GT_ABLATE != 1) {
+        float4 o;
+        o.x = __fadd_rn(__fmul_rn(alpha, v.x), bias4.x);
+        o.y = __fadd_rn(__fmul_rn(alpha, v.y), bias4.y);
+        o.z = __fadd_rn(__fmul_rn(alpha, v.z), bias4.z);
+        o.w = __fadd_rn(__fmul_rn(alpha, v.w), bias4.w);
+        *(float4 *)(c + row * ldc + nb + 4 * n4) = o;
+      }
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -203,7 +234,8 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
 template <int KS>
 static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
                              uint32_t lbo, uint32_t sbo) {
-  const size_t smem = (size_t)GT_STAGES * GT_ROWS * KS * 8 * 4;
+  /* the ring, two staging areas, and room to align the ring to 1024 */
+  const size_t smem = (size_t)GT_STAGES * GT_ROWS * KS * 8 * 4 + 2 * GT_STAGING + 1024;
   static int attr_set = 0; /* per process; the attribute is per function, all devices */
   if (!attr_set) {
     cudaError_t e = cudaFuncSetAttribute(gemm_tf32_kernel<KS>,
@@ -228,6 +260,8 @@ int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor, int sm_
   if (g->beta != 0.0 || !(g->k == 64 || g->k == 128 || g->k == 256)) return 0;
   if (g->n < GT_COLS || g->n % GT_COLS != 0 || g->n > ((int64_t)1 << 24)) return 0;
   if (((uintptr_t)g->a & 15u) != 0 || g->lda % 4 != 0) return 0;
+  if (((uintptr_t)g->c & 15u) != 0 || g->ldc % 4 != 0) return 0;
+  if (g->bias && ((uintptr_t)g->bias & 15u) != 0) return 0;
   if (g->m > ((int64_t)1 << 30)) return 0; /* tiles fit an int */
   /* Enough rows that every block of the grid gets at least 4 tiles: below
    * that the W fragments' load is not amortised (and cuBLASLt is fine). */
