@@ -358,8 +358,8 @@ __global__ void __launch_bounds__(AW_THREADS)
  * 64-bit word: (epoch << 32) | float bits, with a release store. `epoch`
  * is new for every launch on the device (adamw.cu's per-device counter;
  * the slots keep older epochs between calls), so the word is both the
- * value and the flag that it is current: warp 0 of every block polls the
- * slots (acquire) until each carries this epoch, and the barrier and the
+ * value and the flag that it is current: thread i of every block polls
+ * slot i (acquire) until it carries this epoch, and the barrier and the
  * read of the partials are one round trip. Every block then adds the
  * partials (double) in the same fixed order, so every block gets the same
  * norm, bit for bit, forms the clip factor and updates its tile from the
@@ -463,20 +463,18 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
     t_s = t;
   }
 
-  /* Every tile's partial, polled by warp 0 only (fewer requests at L2
-   * while the last tiles load): lane l adds slots l, l + 32, ... in order,
-   * then the lanes are added by shuffles (a fixed order). */
-  if (tid < 32) {
-    double ss = 0.0;
-    for (int64_t i = tid; i < sh.total_tiles; i += 32) {
-      unsigned long long w;
-      do {
-        w = aw_load_acquire(slots + i);
-      } while ((unsigned)(w >> 32) != epoch);
-      ss += (double)__uint_as_float((unsigned)(w & 0xffffffffu));
-    }
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_down_sync(0xffffffffu, ss, off);
-    if (tid == 0) {
+  /* Every tile's partial, in tile order within each thread. */
+  double ss = 0.0;
+  for (int64_t i = tid; i < sh.total_tiles; i += AW_THREADS) {
+    unsigned long long w;
+    do {
+      w = aw_load_acquire(slots + i);
+    } while ((unsigned)(w >> 32) != epoch);
+    ss += (double)__uint_as_float((unsigned)(w & 0xffffffffu));
+  }
+  __syncthreads(); /* warp_sums is read by thread 0 above */
+  ss = aw_block_sum(ss, warp_sums);
+  if (tid == 0) {
     const double norm = sqrt(ss);
     double clip = 1.0;
     if (h.max_norm > 0.0) {
@@ -487,7 +485,6 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
     if (tile == 0) {
       if (sh.grad_norm) *sh.grad_norm = (float)norm;
       *sh.step = t_s;
-    }
     }
   }
   __syncthreads();

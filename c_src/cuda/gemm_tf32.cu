@@ -16,24 +16,25 @@
  *     tf32, as wgmma A fragments (k / 2 registers a thread), and keeps them
  *     for every tile it computes.
  *   - A^T is the SHARED-MEMORY operand, K-major as required: tiles of
- *     GT_ROWS rows of A are copied by cp.async into a GT_STAGES-deep ring in
- *     the 128-byte-swizzle layout: per block of 32 k values, a region of
- *     GT_ROWS rows x 128 bytes (8 KB), 16-byte chunk c of row r at chunk
- *     position c ^ (r & 7). Eight lanes copy one row's 128 contiguous bytes
- *     (whole lines from L2) into 8 distinct bank groups. Each wgmma step
- *     (8 k) starts 32 bytes further into the region; 8-row groups are 1024
- *     bytes apart (the descriptor's stride offset).
+ *     GT_ROWS rows of A are brought by the bulk tensor copy engine (TMA)
+ *     into a GT_STAGES-deep ring in the 128-byte-swizzle layout: per block
+ *     of 32 k values a box of GT_ROWS rows x 128 bytes (8 KB), 16-byte
+ *     chunk c of row r at chunk position c ^ (r & 7); rows past m arrive as
+ *     zeros. Each wgmma step (8 k) starts 32 bytes further into the box;
+ *     8-row groups are 1024 bytes apart (the descriptor's stride offset).
  *
- * Block: two warpgroups (256 threads) own 128 output columns [n0, n0 + 128);
+ * Block: a producer warpgroup (one lane issues the copies) and two
+ * consumer warpgroups that own 128 output columns [n0, n0 + 128);
  * `per_slice` blocks share a column slice and take its row tiles j, j +
- * per_slice, j + 2 per_slice, ... Per tile: wait for the stage, one wgmma per
- * 8 k (k / 8 of them, in order, accumulating in fp32 registers), wait, then
- * the stage is refilled with the tile GT_STAGES ahead; each warpgroup
+ * per_slice, j + 2 per_slice, ... Stages are handed over by mbarriers (see
+ * the kernel), never by a block-wide barrier. Per tile a consumer
+ * warpgroup waits for the stage, runs one wgmma per 8 k (in order,
+ * accumulating in fp32 registers), waits for them, releases the stage,
  * writes its 64 x 64 results into its own staging area (transposed back to
  * rows of C, 16-byte columns XOR-swizzled by row: no bank conflicts either
- * way), and stores them as 16-byte vectors (+ bias, * alpha), a warp
- * covering 2 rows x 256 contiguous bytes. The stores drain while the next
- * tile's wgmmas run.
+ * way) and stores them as 16-byte vectors (+ bias, * alpha), a warp
+ * covering 2 rows x 256 contiguous bytes; meanwhile the other warpgroup's
+ * wgmmas keep the tensor cores busy.
  *
  * Numerics: W rounded to tf32 (round to nearest, ties away), A's low 13
  * mantissa bits ignored by the tensor cores (as cuBLAS's TF32 does), fp32
@@ -48,6 +49,9 @@
  */
 #include <stdint.h>
 
+#include <cuda.h> /* CUtensorMap (types only: the encoder comes from the runtime's driver entry point) */
+#include <cudaTypedefs.h>
+
 #include "cuda_ops.h"
 
 #define GT_ROWS 64     /* rows of A per tile: wgmma's N */
@@ -60,7 +64,7 @@
 #ifndef GT_ABLATE
 #define GT_ABLATE 0
 #endif
-#define GT_THREADS 256
+#define GT_THREADS 384 /* two consumer warpgroups + a producer warpgroup */
 /* Descriptor offsets of the swizzled layout: 8-row groups 1024 bytes apart
  * (stride); the leading offset is not used by K-major swizzled layouts. */
 #define GT_LBO 16u
@@ -100,58 +104,102 @@ __device__ __forceinline__ void gt_wgmma_wait(float *d) {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) :: "memory");
 }
 
-/* Copy rows [row0, row0 + GT_ROWS) of A (k = KB * 32 columns) into the
- * stage at `stage` in the swizzled layout; rows past m are zero-filled.
- * Thread order: the 8 chunks of one 128-byte piece, then the row's next
- * piece, so a warp reads 512 contiguous bytes of a row (k >= 128). */
-template <int KB>
-__device__ __forceinline__ void gt_load_tile(uint32_t stage, const float *__restrict__ a,
-                                             int64_t lda, int64_t row0, int64_t m) {
-#pragma unroll
-  for (int i = 0; i < GT_ROWS * KB * 8 / GT_THREADS; i++) {
-    const int id = (int)threadIdx.x + i * GT_THREADS;
-    const int ch = id & 7, rest = id >> 3;
-    const int kb = rest % KB, r = rest / KB;
-    const int64_t row = row0 + r;
-    const bool in = row < m;
-    const float *src = a + (in ? row : 0) * lda + kb * 32 + ch * 4;
-    const uint32_t dst = stage + (uint32_t)(kb * GT_ROWS * 128 + r * 128 + ((ch ^ (r & 7)) << 4));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(in ? 16 : 0)
-                 : "memory");
-  }
+/* mbarriers (shared::cta, 8 bytes each) and the bulk tensor copy. */
+__device__ __forceinline__ void gt_mbar_init(uint32_t bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 
-/* KS = k / 8 wgmma steps per tile. */
+__device__ __forceinline__ void gt_mbar_expect(uint32_t bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void gt_mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+/* Wait until the phase with the given parity has completed. */
+__device__ __forceinline__ void gt_mbar_wait(uint32_t bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "GT_WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra GT_WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+/* Box (32 k, GT_ROWS rows) of A at (k0, row0) into `dst`, 128-byte
+ * swizzled, completing on `bar`. Rows past m arrive as zeros. */
+__device__ __forceinline__ void gt_tma_load(uint32_t dst, const CUtensorMap *map, int k0, int row0,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"((uint64_t)map), "r"(k0), "r"(row0), "r"(bar)
+      : "memory");
+}
+
+/* KS = k / 8 wgmma steps per tile. Warps 0-7: two consumer warpgroups
+ * (232 registers a thread: the W fragments alone take k / 2); warps 8-11:
+ * the producer warpgroup (40 registers; one lane issues the bulk copies). Stage s has a
+ * "full" barrier (the producer's expect_tx, completed by the copy's bytes)
+ * and an "empty" one (one arrival per consumer warpgroup once its wgmmas
+ * on the stage are done); use u of a stage waits full parity u & 1, and
+ * its refill waits empty parity (u - 1) & 1. No block-wide barrier after
+ * the set-up, so one warpgroup's epilogue overlaps the other's wgmmas. */
 template <int KS>
 __global__ void __launch_bounds__(GT_THREADS, 1)
-    gemm_tf32_kernel(const float *__restrict__ a, int64_t lda, const float *__restrict__ w,
+    gemm_tf32_kernel(const __grid_constant__ CUtensorMap amap, const float *__restrict__ w,
                      int64_t ldb, const float *__restrict__ bias, float *__restrict__ c,
                      int64_t ldc, int64_t m, float alpha, int tiles, int per_slice, uint32_t lbo,
                      uint32_t sbo) {
   constexpr int KB = KS / 4;                       /* 32-k blocks of a row */
-  constexpr uint32_t STAGE = GT_ROWS * KB * 128;   /* bytes of a stage */
+  constexpr uint32_t BOX = GT_ROWS * 128;          /* bytes of one box (32 k x GT_ROWS) */
+  constexpr uint32_t STAGE = KB * BOX;             /* bytes of a stage */
   extern __shared__ __align__(1024) unsigned char gt_smem[];
   /* the swizzle pattern repeats every 1024 bytes: align the ring to it */
   const uint32_t raw = (uint32_t)__cvta_generic_to_shared(gt_smem);
   const uint32_t smem = (raw + 1023u) & ~1023u;
   unsigned char *const smem_ptr = gt_smem + (smem - raw);
+  const uint32_t bars = smem + GT_STAGES * STAGE + 2 * GT_STAGING; /* full[S], empty[S] */
   const int slice = blockIdx.x / per_slice, j = blockIdx.x % per_slice;
-  const int tid = threadIdx.x, wg = tid >> 7, q = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3, wtid = tid & 127;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+  if (tid == 0) {
+    for (int s = 0; s < GT_STAGES; s++) {
+      gt_mbar_init(bars + 8 * s, 1);
+      gt_mbar_init(bars + 8 * (GT_STAGES + s), 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= 8) { /* the producer warpgroup: one lane works, few registers */
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == 8 && lane == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&amap) : "memory");
+      for (int it = 0;; it++) {
+        const int tile = j + it * per_slice;
+        if (tile >= tiles) break;
+        const int s = it % GT_STAGES, use = it / GT_STAGES;
+        if (use > 0) gt_mbar_wait(bars + 8 * (GT_STAGES + s), (unsigned)(use - 1) & 1u);
+        gt_mbar_expect(bars + 8 * s, STAGE);
+#pragma unroll
+        for (int kb = 0; kb < KB; kb++)
+          gt_tma_load(smem + s * STAGE + kb * BOX, &amap, kb * 32, tile * GT_ROWS, bars + 8 * s);
+      }
+    }
+    return;
+  }
+  /* consumers: 2 x 128 x 232 + 128 x 40 registers fit the 64 K of an SM */
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+
+  const int wg = tid >> 7, q = warp & 3, g = lane >> 2, t = lane & 3, wtid = tid & 127;
   const int64_t nb = (int64_t)slice * GT_COLS + wg * 64; /* this warpgroup's first column */
   /* this warpgroup's staging: 64 rows of C x 16 float4, float4 column
    * n4 of row r at position n4 ^ (r & 7) */
   float *const stg = (float *)(smem_ptr + GT_STAGES * STAGE + wg * GT_STAGING);
-
-  /* The first GT_STAGES tiles of A, one commit group each (empty groups
-   * keep the count uniform). */
-#pragma unroll
-  for (int s = 0; s < GT_STAGES; s++) {
-    const int tile = j + s * per_slice;
-    if (tile < tiles) gt_load_tile<KB>(smem + s * STAGE, a, lda, (int64_t)tile * GT_ROWS, m);
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-  }
 
   /* W^T fragments of the warpgroup's 64 columns: step s holds rows
    * nb + 16 q + g (+ 8) of W^T, k = 8 s + t (+ 4). */
@@ -176,33 +224,24 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
   for (int it = 0;; it++) {
     const int tile = j + it * per_slice;
     if (tile >= tiles) break;
-    const uint32_t stage = smem + (uint32_t)(it % GT_STAGES) * STAGE;
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(GT_STAGES - 1) : "memory");
-    /* cp.async wrote through the generic proxy; wgmma reads through the
-     * async proxy. */
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
+    const int s = it % GT_STAGES;
+    const uint32_t stage = smem + (uint32_t)s * STAGE;
+    gt_mbar_wait(bars + 8 * s, (unsigned)(it / GT_STAGES) & 1u);
     if (GT_ABLATE != 2) {
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-      for (int s = 0; s < KS; s++)
-        gt_wgmma(d, wf[4 * s], wf[4 * s + 1], wf[4 * s + 2], wf[4 * s + 3],
-                 gt_desc(stage + (uint32_t)((s >> 2) * GT_ROWS * 128 + (s & 3) * 32), lbo, sbo),
-                 s > 0);
+      for (int k = 0; k < KS; k++)
+        gt_wgmma(d, wf[4 * k], wf[4 * k + 1], wf[4 * k + 2], wf[4 * k + 3],
+                 gt_desc(stage + (uint32_t)((k >> 2) * BOX + (k & 3) * 32), lbo, sbo), k > 0);
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       gt_wgmma_wait(d);
     } else {
 #pragma unroll
       for (int i = 0; i < 32; i++) d[i] = __uint_as_float(wf[i] ^ wf[4 * KS - 1 - i]);
     }
-    /* Both warpgroups are done with the stage, and with reading their
-     * staging for the previous tile. */
-    __syncthreads();
-    {
-      const int next = tile + GT_STAGES * per_slice;
-      if (next < tiles) gt_load_tile<KB>(stage, a, lda, (int64_t)next * GT_ROWS, m);
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
-    }
+    if (wtid == 0) gt_mbar_arrive(bars + 8 * (GT_STAGES + s)); /* the stage may be refilled */
+    /* every thread of the warpgroup is done reading the previous staging */
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
     /* d[i] is C^T (16 q + g + 8 ((i >> 1) & 1), 8 (i >> 2) + 2 t + (i & 1))
      * of this warpgroup's 64 x 64: staged as C row r, column n. */
 #pragma unroll
@@ -228,14 +267,30 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
       }
     }
   }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+/* The driver's tensor-map encoder, looked up once through the runtime. */
+static PFN_cuTensorMapEncodeTiled_v12000 gt_encoder(void) {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = NULL;
+  static int looked = 0;
+  if (!looked) {
+    void *p = NULL;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                         &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      fn = (PFN_cuTensorMapEncodeTiled_v12000)p;
+    looked = 1;
+  }
+  return fn;
 }
 
 template <int KS>
 static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
                              uint32_t lbo, uint32_t sbo) {
-  /* the ring, two staging areas, and room to align the ring to 1024 */
-  const size_t smem = (size_t)GT_STAGES * GT_ROWS * KS * 8 * 4 + 2 * GT_STAGING + 1024;
+  /* the ring, two staging areas, the barriers, and room to align to 1024 */
+  const size_t smem = (size_t)GT_STAGES * GT_ROWS * KS * 8 * 4 + 2 * GT_STAGING +
+                      16 * GT_STAGES + 1024;
   static int attr_set = 0; /* per process; the attribute is per function, all devices */
   if (!attr_set) {
     cudaError_t e = cudaFuncSetAttribute(gemm_tf32_kernel<KS>,
@@ -243,14 +298,25 @@ static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_
     if (e != cudaSuccess) return e;
     attr_set = 1;
   }
+  PFN_cuTensorMapEncodeTiled_v12000 encode = gt_encoder();
+  if (!encode) return cudaErrorNotSupported;
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {(cuuint64_t)g->k, (cuuint64_t)g->m};
+  const cuuint64_t strides[1] = {(cuuint64_t)g->lda * 4};
+  const cuuint32_t box[2] = {32, GT_ROWS};
+  const cuuint32_t estrides[2] = {1, 1};
+  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, (void *)g->a, dims, strides, box, estrides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return cudaErrorInvalidValue;
   const int slices = (int)(g->n / GT_COLS);
   const int tiles = (int)((g->m + GT_ROWS - 1) / GT_ROWS);
   int per_slice = sm_count / slices;
   if (per_slice < 1) per_slice = 1;
   if (per_slice > tiles) per_slice = tiles;
   gemm_tf32_kernel<KS><<<slices * per_slice, GT_THREADS, smem, stream>>>(
-      (const float *)g->a, g->lda, (const float *)g->b, g->ldb, (const float *)g->bias,
-      (float *)g->c, g->ldc, g->m, (float)g->alpha, tiles, per_slice, lbo, sbo);
+      map, (const float *)g->b, g->ldb, (const float *)g->bias, (float *)g->c, g->ldc, g->m,
+      (float)g->alpha, tiles, per_slice, lbo, sbo);
   return cudaGetLastError();
 }
 
