@@ -168,7 +168,15 @@ defmodule Mambex.LinearTest do
   end
 
   def check_matmul(device, type, tol, precision \\ :fp32) do
-    for {m, k, n} <- [{1, 1, 1}, {7, 5, 13}, {33, 70, 9}, {17, 300, 20}, {2, 300, 37}, {4, 513, 16}, {3, 9, 1}],
+    for {m, k, n} <- [
+          {1, 1, 1},
+          {7, 5, 13},
+          {33, 70, 9},
+          {17, 300, 20},
+          {2, 300, 37},
+          {4, 513, 16},
+          {3, 9, 1}
+        ],
         ta <- [false, true],
         tb <- [false, true] do
       a_shape = if ta, do: {k, m}, else: {m, k}
@@ -502,6 +510,63 @@ defmodule Mambex.LinearTest do
             {{20, 300}, 30, false}
           ] do
         check_case(x_shape, n, bias?, {:f, 32}, cuda(), 5.0e-3, 5.0e-3, precision: :tf32)
+      end
+    end
+
+    # Shapes that take the wgmma TF32 kernel on an H200 (gemm_tf32.cu: k 64
+    # or 128, n a multiple of 128, at least 4 row tiles of 64 per block):
+    # a partial last tile (4099 rows), with and without bias. The full
+    # product is checked against the same product at :fp32 (cuBLASLt), and
+    # 256 sampled outputs against float64 dot products; reruns are
+    # bit-identical.
+    test "f32 :tf32 at the wgmma kernel's shapes (5e-3)" do
+      dev = cuda()
+
+      for {m, k, n, bias?} <- [
+            {4099, 128, 1024, true},
+            {4160, 64, 1024, false},
+            {8200, 128, 512, true}
+          ] do
+        seed = :erlang.phash2({m, k, n})
+        x = Tensor.random_uniform({m, k}, seed: seed, min: -1.0, max: 1.0, device: dev)
+        w = Tensor.random_uniform({k, n}, seed: seed + 1, min: -1.0, max: 1.0, device: dev)
+
+        b =
+          if bias?,
+            do: Tensor.random_uniform({n}, seed: seed + 2, min: -1.0, max: 1.0, device: dev)
+
+        opts = if bias?, do: [bias: b], else: []
+        y = Linear.forward(x, w, opts ++ [precision: :tf32])
+        y_again = Linear.forward(x, w, opts ++ [precision: :tf32])
+        assert Tensor.to_binary(y) == Tensor.to_binary(y_again)
+        exact = Linear.forward(x, w, opts ++ [precision: :fp32])
+        yv = read(y)
+        assert rel_err(yv, read(exact)) <= 5.0e-3
+
+        xs = read(x) |> List.to_tuple()
+        ws = read(w) |> List.to_tuple()
+        bs = if bias?, do: List.to_tuple(read(b))
+        ys = List.to_tuple(yv)
+        rng = :rand.seed_s(:exsss, {seed, 7, 11})
+
+        Enum.reduce(1..256, rng, fn i, r ->
+          {u, r} = :rand.uniform_s(m, r)
+          {v, r} = :rand.uniform_s(n, r)
+          # the last row (partial tile) first
+          row = if i == 1, do: m - 1, else: u - 1
+          col = v - 1
+          b0 = if bias?, do: elem(bs, col), else: 0.0
+
+          {want, mag} =
+            Enum.reduce(0..(k - 1), {b0, abs(b0)}, fn l, {acc, mg} ->
+              t = elem(xs, row * k + l) * elem(ws, l * n + col)
+              {acc + t, mg + abs(t)}
+            end)
+
+          got = elem(ys, row * n + col)
+          assert abs(got - want) <= 5.0e-3 * mag, "(#{row}, #{col}): #{got} vs #{want}"
+          r
+        end)
       end
     end
 
