@@ -105,7 +105,7 @@ struct ours_ctx {
 };
 static void run_ours(void *p) {
   ours_ctx *c = (ours_ctx *)p;
-  CK(gemm_tf32_launch(&c->g, 0, c->sms, 0, 0));
+  CK(gemm_tf32_launch(&c->g, 0, 0, c->sms));
 }
 
 struct blas_ctx {
@@ -169,12 +169,11 @@ int main(int argc, char **argv) {
     oc.g.bias = b;
     oc.sms = prop.multiProcessorCount;
     const int applies = gemm_tf32_applies(&oc.g, prop.major, prop.minor, oc.sms);
-    double err[1];
     CK(cudaMemset(c, 0xff, m * n * 4));
-    CK(gemm_tf32_launch(&oc.g, 0, oc.sms, 0, 0));
+    run_ours(&oc);
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
-    err[0] = check(hc, ha, hw, hb, m, n, k);
+    const double err = check(hc, ha, hw, hb, m, n, k);
     CK(cudaMemset(c, 0, m * n * 4));
     run_ours(&oc);
     CK(cudaDeviceSynchronize());
@@ -193,7 +192,7 @@ int main(int argc, char **argv) {
     printf("m %6lld n %5lld k %4lld applies %d | ours err %.1e rerun %s  "
            "median %7.2f us p10 %7.2f p90 %7.2f | cublas err %.1e median %7.2f p10 %7.2f "
            "p90 %7.2f\n",
-           (long long)m, (long long)n, (long long)k, applies, err[0],
+           (long long)m, (long long)n, (long long)k, applies, err,
            same ? "same" : "DIFF", om, o10, o90, berr, bm, b10, b90);
     fflush(stdout);
     cudaFree(a);

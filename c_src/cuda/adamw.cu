@@ -44,8 +44,9 @@
  *     rounded to float (the two-launch path keeps doubles), so the two
  *     paths' norms may differ in the last bits; each is deterministic.
  * So AdamW over tensors that fit one chunk is 1 launch with or without the
- * norm (2 with it when the tiles do not all fit at once). The ticket counter is a per-device word allocated once (under
- * the device mutex) and reset to 0 by the block that used it last; the
+ * norm (2 with it when the tiles do not all fit at once). The ticket
+ * counter is a per-device word allocated once (under the device mutex)
+ * and reset to 0 by the block that used it last; the
  * partials and coefficients live in stream-ordered scratch freed after the
  * launches.
  *
@@ -157,6 +158,14 @@ __device__ aw_coef aw_coefficients(const aw_hyper &h, int32_t step, float lr_f, 
   return c;
 }
 
+/* The clip factor for a gradient norm: min(1, max_norm / (norm + 1e-6)),
+ * 1 without clipping (and for a NaN norm: m and v become NaN anyway). */
+__device__ __forceinline__ double aw_clip(const aw_hyper &h, double norm) {
+  if (!(h.max_norm > 0.0)) return 1.0;
+  const double q = h.max_norm / (norm + 1e-6);
+  return q < 1.0 ? q : 1.0;
+}
+
 __device__ __forceinline__ void aw_elem(float &p, float g, float &m, float &v, const aw_coef &c,
                                         const aw_hyper &h, float decay) {
   g = __fmul_rn(g, c.clip);
@@ -233,11 +242,7 @@ __global__ void __launch_bounds__(AW_SQ_THREADS)
   if (tid == 0) {
     const double norm = sqrt(s);
     if (sh.grad_norm) *sh.grad_norm = (float)norm;
-    double clip = 1.0;
-    if (h.max_norm > 0.0) {
-      const double q = h.max_norm / (norm + 1e-6);
-      clip = q < 1.0 ? q : 1.0; /* NaN norm: 1 (m and v become NaN anyway) */
-    }
+    const double clip = aw_clip(h, norm);
     int32_t t;
     *sh.coef = aw_coefficients(h, *sh.step, *sh.lr, clip, &t);
     *sh.step = t;
@@ -368,9 +373,9 @@ __global__ void __launch_bounds__(AW_THREADS)
  * before its release store, and block 0 writes only after acquiring every
  * slot). The gradients are read once. */
 #define AW_REGS (4 * AW_UNROLL) /* elements of one array per thread */
-__device__ __forceinline__ int64_t aw_index(bool vec, int64_t e0, int q, int tid) {
-  return vec ? e0 + 4 * ((int64_t)(q >> 2) * AW_THREADS + tid) + (q & 3)
-             : e0 + (int64_t)q * AW_THREADS + tid;
+/* Element of register q of thread tid in the element-by-element layout. */
+__device__ __forceinline__ int64_t aw_scalar_index(int64_t e0, int q, int tid) {
+  return e0 + (int64_t)q * AW_THREADS + tid;
 }
 
 __device__ __forceinline__ void aw_store_release(unsigned long long *p, unsigned long long v) {
@@ -441,7 +446,7 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
   } else {
 #pragma unroll
     for (int q = 0; q < AW_REGS; q++) {
-      const int64_t i = aw_index(false, e0, q, tid);
+      const int64_t i = aw_scalar_index(e0, q, tid);
       const bool in = i < n;
       P[q] = in ? p[i] : 0.0f;
       G[q] = in ? g[i] : 0.0f;
@@ -476,12 +481,7 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
   ss = aw_block_sum(ss, warp_sums);
   if (tid == 0) {
     const double norm = sqrt(ss);
-    double clip = 1.0;
-    if (h.max_norm > 0.0) {
-      const double q = h.max_norm / (norm + 1e-6);
-      clip = q < 1.0 ? q : 1.0; /* NaN norm: 1 (m and v become NaN anyway) */
-    }
-    coef_s.clip = (float)clip;
+    coef_s.clip = (float)aw_clip(h, norm);
     if (tile == 0) {
       if (sh.grad_norm) *sh.grad_norm = (float)norm;
       *sh.step = t_s;
@@ -513,7 +513,7 @@ __global__ void __launch_bounds__(AW_THREADS, 2)
   } else {
 #pragma unroll
     for (int q = 0; q < AW_REGS; q++) {
-      const int64_t i = aw_index(false, e0, q, tid);
+      const int64_t i = aw_scalar_index(e0, q, tid);
       if (i < n) {
         p[i] = P[q];
         m[i] = M[q];
@@ -664,20 +664,9 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
   sh.grad_norm = a->grad_norm;
   sh.ticket = g_ticket[d->index];
   sh.total_tiles = total_tiles;
-  char *scratch = NULL;
-  if (want_norm) {
-    const size_t bytes = 256 + (size_t)(total_tiles ? total_tiles : 1) * sizeof(double);
-    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&scratch, bytes, d->stream));
-    if (rc != MX_OK) {
-      mx_cuda_unlock(d);
-      return rc;
-    }
-    sh.coef = (aw_coef *)scratch;
-    sh.partial = (double *)(scratch + 256);
-  }
-
   /* Norm mode over one chunk whose tiles can all be resident: one
-   * cooperative launch (adamw_norm_update_kernel). */
+   * cooperative launch (adamw_norm_update_kernel), which needs none of the
+   * two-launch path's scratch. */
   if (want_norm && nchunks == 1 && total_tiles > 0) {
     int64_t fit = 0;
     rc = coresident_blocks(d, err, &fit);
@@ -692,14 +681,25 @@ int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err) {
       rc = MX_CUDA_CALL(d, err, cudaLaunchCooperativeKernel((const void *)adamw_norm_update_kernel,
                                                             dim3((unsigned)total_tiles),
                                                             dim3(AW_THREADS), args, 0, d->stream));
-      {
-        mx_err ignored;
-        int frc = MX_CUDA_CALL(d, rc == MX_OK ? err : &ignored, cudaFreeAsync(scratch, d->stream));
-        if (rc == MX_OK) rc = frc;
-      }
       mx_cuda_unlock(d);
       return rc;
     }
+    if (rc != MX_OK) {
+      mx_cuda_unlock(d);
+      return rc;
+    }
+  }
+
+  char *scratch = NULL;
+  if (want_norm) {
+    const size_t bytes = 256 + (size_t)(total_tiles ? total_tiles : 1) * sizeof(double);
+    rc = MX_CUDA_CALL(d, err, cudaMallocAsync((void **)&scratch, bytes, d->stream));
+    if (rc != MX_OK) {
+      mx_cuda_unlock(d);
+      return rc;
+    }
+    sh.coef = (aw_coef *)scratch;
+    sh.partial = (double *)(scratch + 256);
   }
 
   /* The chunks again, this time launching. pass 0: sums of squares (norm

@@ -100,12 +100,12 @@ MX_CUDA_HIDDEN int mx_cuda_adamw(int dev, const mx_adamw_args *a, mx_err *err);
 /* gemm_tf32.cu (used by linear.cu, not a table entry): whether the wgmma
  * TF32 kernel takes this GEMM on a device of compute capability
  * cc_major.cc_minor with sm_count multiprocessors, and its launch on
- * `stream` (lbo = sbo = 0: the layout's descriptor offsets; other values
- * only for probes). No locking, no validation beyond the shape rules. */
+ * `stream` of device index `dev` (whose mutex the caller holds). No
+ * validation beyond the shape rules. */
 MX_CUDA_HIDDEN int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor,
                                      int sm_count);
-MX_CUDA_HIDDEN cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream,
-                                            int sm_count, uint32_t lbo, uint32_t sbo);
+MX_CUDA_HIDDEN cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int dev,
+                                            int sm_count);
 
 #ifdef __cplusplus
 }

@@ -83,9 +83,9 @@ __device__ __forceinline__ uint32_t gt_tf32(float x) {
 /* Shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits
  * 62-63): start address, leading and stride byte offsets, in 16-byte
  * units. */
-__device__ __forceinline__ uint64_t gt_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
-         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32) | ((uint64_t)1 << 62);
+__device__ __forceinline__ uint64_t gt_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)((GT_LBO >> 4) & 0x3FFFu) << 16) |
+         ((uint64_t)((GT_SBO >> 4) & 0x3FFFu) << 32) | ((uint64_t)1 << 62);
 }
 
 /* d (64 x 64 fp32 fragment) = [d +] a (64 x 8 tf32, registers) . B (8 x 64, desc) */
@@ -153,8 +153,7 @@ template <int KS>
 __global__ void __launch_bounds__(GT_THREADS, 1)
     gemm_tf32_kernel(const __grid_constant__ CUtensorMap amap, const float *__restrict__ w,
                      int64_t ldb, const float *__restrict__ bias, float *__restrict__ c,
-                     int64_t ldc, int64_t m, float alpha, int tiles, int per_slice, uint32_t lbo,
-                     uint32_t sbo) {
+                     int64_t ldc, int64_t m, float alpha, int tiles, int per_slice) {
   constexpr int KB = KS / 4;                       /* 32-k blocks of a row */
   constexpr uint32_t BOX = GT_ROWS * 128;          /* bytes of one box (32 k x GT_ROWS) */
   constexpr uint32_t STAGE = KB * BOX;             /* bytes of a stage */
@@ -233,7 +232,7 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
 #pragma unroll
       for (int k = 0; k < KS; k++)
         gt_wgmma(d, wf[4 * k], wf[4 * k + 1], wf[4 * k + 2], wf[4 * k + 3],
-                 gt_desc(stage + (uint32_t)((k >> 2) * BOX + (k & 3) * 32), lbo, sbo), k > 0);
+                 gt_desc(stage + (uint32_t)((k >> 2) * BOX + (k & 3) * 32)), k > 0);
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       gt_wgmma_wait(d);
     } else {
@@ -286,18 +285,25 @@ static PFN_cuTensorMapEncodeTiled_v12000 gt_encoder(void) {
   return fn;
 }
 
+/* Blocks sharing one 128-column slice: the grid fills the SMs once. */
+static int64_t gt_per_slice(int64_t n, int sm_count) {
+  const int64_t per_slice = sm_count / (n / GT_COLS);
+  return per_slice < 1 ? 1 : per_slice;
+}
+
 template <int KS>
-static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
-                             uint32_t lbo, uint32_t sbo) {
+static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int dev, int sm_count) {
   /* the ring, two staging areas, the barriers, and room to align to 1024 */
   const size_t smem = (size_t)GT_STAGES * GT_ROWS * KS * 8 * 4 + 2 * GT_STAGING +
                       16 * GT_STAGES + 1024;
-  static int attr_set = 0; /* per process; the attribute is per function, all devices */
-  if (!attr_set) {
+  /* the shared-memory limit is raised once per device (callers hold the
+   * device's mutex) */
+  static int attr_set[MX_MAX_CUDA_DEVICES];
+  if (!attr_set[dev]) {
     cudaError_t e = cudaFuncSetAttribute(gemm_tf32_kernel<KS>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
-    attr_set = 1;
+    attr_set[dev] = 1;
   }
   PFN_cuTensorMapEncodeTiled_v12000 encode = gt_encoder();
   if (!encode) return cudaErrorNotSupported;
@@ -312,12 +318,11 @@ static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_
     return cudaErrorInvalidValue;
   const int slices = (int)(g->n / GT_COLS);
   const int tiles = (int)((g->m + GT_ROWS - 1) / GT_ROWS);
-  int per_slice = sm_count / slices;
-  if (per_slice < 1) per_slice = 1;
+  int per_slice = (int)gt_per_slice(g->n, sm_count);
   if (per_slice > tiles) per_slice = tiles;
   gemm_tf32_kernel<KS><<<slices * per_slice, GT_THREADS, smem, stream>>>(
       map, (const float *)g->b, g->ldb, (const float *)g->bias, (float *)g->c, g->ldc, g->m,
-      (float)g->alpha, tiles, per_slice, lbo, sbo);
+      (float)g->alpha, tiles, per_slice);
   return cudaGetLastError();
 }
 
@@ -337,22 +342,15 @@ int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor, int sm_
   if (g->m > ((int64_t)1 << 30)) return 0; /* tiles fit an int */
   /* Enough rows that every block of the grid gets at least 4 tiles: below
    * that the W fragments' load is not amortised (and cuBLASLt is fine). */
-  const int64_t slices = g->n / GT_COLS;
-  int64_t per_slice = sm_count / slices;
-  if (per_slice < 1) per_slice = 1;
-  return g->m >= per_slice * 4 * GT_ROWS;
+  return g->m >= gt_per_slice(g->n, sm_count) * 4 * GT_ROWS;
 }
 
-cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
-                             uint32_t lbo, uint32_t sbo) {
-  if (lbo == 0 && sbo == 0) {
-    lbo = GT_LBO;
-    sbo = GT_SBO;
-  }
+cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int dev, int sm_count) {
+  if (dev < 0 || dev >= MX_MAX_CUDA_DEVICES) return cudaErrorInvalidDevice;
   switch (g->k) {
-  case 64: return gt_launch<8>(g, stream, sm_count, lbo, sbo);
-  case 128: return gt_launch<16>(g, stream, sm_count, lbo, sbo);
-  case 256: return gt_launch<32>(g, stream, sm_count, lbo, sbo);
+  case 64: return gt_launch<8>(g, stream, dev, sm_count);
+  case 128: return gt_launch<16>(g, stream, dev, sm_count);
+  case 256: return gt_launch<32>(g, stream, dev, sm_count);
   default: return cudaErrorInvalidValue;
   }
 }
@@ -367,13 +365,11 @@ int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor, int sm_
   return 0;
 }
 
-cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int sm_count,
-                             uint32_t lbo, uint32_t sbo) {
+cudaError_t gemm_tf32_launch(const mx_gemm_args *g, cudaStream_t stream, int dev, int sm_count) {
   (void)g;
   (void)stream;
+  (void)dev;
   (void)sm_count;
-  (void)lbo;
-  (void)sbo;
   return cudaErrorInvalidDeviceFunction;
 }
 

@@ -362,7 +362,7 @@ int mx_cuda_gemm(int dev, const mx_gemm_args *g, mx_err *err) {
     return rc;
   }
   if (gemm_tf32_applies(g, d->cc_major, d->cc_minor, d->sm_count)) {
-    rc = MX_CUDA_CALL(d, err, gemm_tf32_launch(g, d->stream, d->sm_count, 0, 0));
+    rc = MX_CUDA_CALL(d, err, gemm_tf32_launch(g, d->stream, d->index, d->sm_count));
     mx_cuda_unlock(d);
     return rc;
   }
