@@ -6,6 +6,7 @@ defmodule Mambex.ScanTestHelpers do
   # its seed from ExUnit's seed and its own name, and prints both on failure.
 
   import Bitwise
+  import ExUnit.Assertions
   alias Mambex.Tensor
 
   @io_keys [:u, :delta, :z, :b, :c]
@@ -179,6 +180,41 @@ defmodule Mambex.ScanTestHelpers do
     if length(x) != length(y), do: raise("length mismatch: #{length(x)} vs #{length(y)}")
     if den == 0.0, do: :math.sqrt(num), else: :math.sqrt(num / den)
   end
+
+  @doc "Forward and backward on `device` against the float64 reference, within the tolerances."
+  def check_reference(name, dims, opts, device, fwd_tol, grad_tol) do
+    seed = seed_for(name)
+    inputs = make_inputs(seed, dims, opts)
+    ts = tensors(inputs, device)
+    {out, fin, ctx} = run_forward(ts, inputs)
+    ref = Mambex.ScanReference.forward(inputs.ref)
+
+    {bsz, len, dim, n, _g} = dims
+    assert out.shape == {bsz, len, dim}
+    assert fin.shape == {bsz, dim, n}
+    e = rel_err(values(out), ref.out)
+    assert e <= fwd_tol, "#{name}: out rel. error #{e} > #{fwd_tol} #{seed_note(seed)}"
+    e = rel_err(values(fin), ref.final_state)
+    assert e <= fwd_tol, "#{name}: final state rel. error #{e} > #{fwd_tol} #{seed_note(seed)}"
+
+    d_out = tensor(inputs.d_out, {bsz, len, dim}, inputs.io, device)
+    d_fin = tensor(inputs.d_final, {bsz, dim, n}, inputs.param, device)
+    grads = Mambex.Scan.backward(ctx, d_out, d_final_state: d_fin)
+    rgrads = Mambex.ScanReference.backward(inputs.ref, inputs.d_out, inputs.d_final)
+    assert Enum.sort(Map.keys(grads)) == Enum.sort(Map.keys(rgrads))
+
+    for {key, rg} <- rgrads do
+      g = grads[key]
+      assert g.shape == ts[key].shape, "#{name}: gradient of #{key} has shape #{inspect(g.shape)}"
+      assert g.type == ts[key].type
+      e = rel_err(values(g), rg)
+
+      assert e <= grad_tol,
+             "#{name}: gradient of #{key}: rel. error #{e} > #{grad_tol} #{seed_note(seed)}"
+    end
+
+    {inputs, ts, out, fin, grads}
+  end
 end
 
 defmodule Mambex.ScanTest do
@@ -213,40 +249,6 @@ defmodule Mambex.ScanTest do
     {"L1 batch 3 G4", {3, 1, 100, 16, 4}, [z: true, initial_state: true]},
     {"L1024", {1, 1024, 24, 16, 1}, [z: true, d: true, delta_bias: true, reset: true]}
   ]
-
-  defp check_reference(name, dims, opts, device, fwd_tol, grad_tol) do
-    seed = seed_for(name)
-    inputs = make_inputs(seed, dims, opts)
-    ts = tensors(inputs, device)
-    {out, fin, ctx} = run_forward(ts, inputs)
-    ref = Ref.forward(inputs.ref)
-
-    {bsz, len, dim, n, _g} = dims
-    assert out.shape == {bsz, len, dim}
-    assert fin.shape == {bsz, dim, n}
-    e = rel_err(values(out), ref.out)
-    assert e <= fwd_tol, "#{name}: out rel. error #{e} > #{fwd_tol} #{seed_note(seed)}"
-    e = rel_err(values(fin), ref.final_state)
-    assert e <= fwd_tol, "#{name}: final state rel. error #{e} > #{fwd_tol} #{seed_note(seed)}"
-
-    d_out = tensor(inputs.d_out, {bsz, len, dim}, inputs.io, device)
-    d_fin = tensor(inputs.d_final, {bsz, dim, n}, inputs.param, device)
-    grads = Scan.backward(ctx, d_out, d_final_state: d_fin)
-    rgrads = Ref.backward(inputs.ref, inputs.d_out, inputs.d_final)
-    assert Enum.sort(Map.keys(grads)) == Enum.sort(Map.keys(rgrads))
-
-    for {key, rg} <- rgrads do
-      g = grads[key]
-      assert g.shape == ts[key].shape, "#{name}: gradient of #{key} has shape #{inspect(g.shape)}"
-      assert g.type == ts[key].type
-      e = rel_err(values(g), rg)
-
-      assert e <= grad_tol,
-             "#{name}: gradient of #{key}: rel. error #{e} > #{grad_tol} #{seed_note(seed)}"
-    end
-
-    {inputs, ts, out, fin, grads}
-  end
 
   describe "f32 on the CPU against the float64 reference" do
     for {name, dims, opts} <- @cases do
@@ -730,6 +732,7 @@ defmodule Mambex.ScanTest do
 
     # a checkpoint tensor that is not this call's is refused
     wrong = Tensor.fill({7}, 0.0)
+
     assert_raise ArgumentError, ~r/checkpoints do not belong/, fn ->
       apply(Mambex.NIF, :scan_backward, full ++ [wrong])
     end
@@ -764,7 +767,11 @@ defmodule Mambex.ScanTest do
       for {b, l, with_reset} <- [{3, 61, false}, {2, 40, true}] do
         d = 64
         n = 16
-        r = fn shape, seed, opts -> Tensor.random_normal(shape, [seed: seed, device: dev] ++ opts) end
+
+        r = fn shape, seed, opts ->
+          Tensor.random_normal(shape, [seed: seed, device: dev] ++ opts)
+        end
+
         u = r.({b, l, d}, 1, [])
         delta = r.({b, l, d}, 2, std: 0.5)
         a = Tensor.random_uniform({d, n}, seed: 3, device: dev, min: -2.0, max: -0.1)
@@ -775,15 +782,30 @@ defmodule Mambex.ScanTest do
 
         reset =
           if with_reset,
-            do: Tensor.from_binary(for(i <- 1..(b * l), into: <<>>, do: <<if(rem(i, 13) == 0, do: 1, else: 0)>>), {:u, 8}, shape: {b, l}, device: dev),
+            do:
+              Tensor.from_binary(
+                for(i <- 1..(b * l), into: <<>>, do: <<if(rem(i, 13) == 0, do: 1, else: 0)>>),
+                {:u, 8},
+                shape: {b, l},
+                device: dev
+              ),
             else: nil
 
-        opts = [z: z, d: r.({d}, 8, []), delta_bias: r.({d}, 9, []), initial_state: r.({b, d, n}, 10, [])]
+        opts = [
+          z: z,
+          d: r.({d}, 8, []),
+          delta_bias: r.({d}, 9, []),
+          initial_state: r.({b, d, n}, 10, [])
+        ]
+
         opts = if reset, do: [{:reset, reset} | opts], else: opts
         {out1, fin1, ctx1} = Scan.forward(u, delta, a, bm, cm, [checkpoints: true] ++ opts)
         {out2, fin2, ctx2} = Scan.forward(u, delta, a, bm, cm, [checkpoints: false] ++ opts)
         # the CPU backend keeps none (MAMBEX_TEST_CUDA_AS_CPU runs this on :cpu)
-        if dev == :cpu, do: assert(ctx1.checkpoints == nil), else: assert(%Tensor{} = ctx1.checkpoints)
+        if dev == :cpu,
+          do: assert(ctx1.checkpoints == nil),
+          else: assert(%Tensor{} = ctx1.checkpoints)
+
         assert ctx2.checkpoints == nil
         assert Tensor.to_binary(out1) == Tensor.to_binary(out2)
         assert Tensor.to_binary(fin1) == Tensor.to_binary(fin2)
@@ -885,6 +907,7 @@ defmodule Mambex.ScanMemoryTest do
   # each time: afterwards live bytes and handles are back where they were.
   defp scan_leak_check(device, {b, l, d, _n, _g} = dims) do
     inputs = make_inputs(seed_for("memory"), dims, io: {:f, 32}, d: true, z: true, reset: true)
+
     Mambex.TestHelpers.assert_no_leak(
       device,
       fn ->
@@ -918,5 +941,134 @@ defmodule Mambex.ScanMemoryTest do
     dev = Mambex.TestHelpers.cuda_device()
     scan_leak_check(dev, {2, 33, 40, 8, 2})
     scan_leak_check(dev, {2, 33, 64, 16, 1})
+  end
+end
+
+defmodule Mambex.ScanKernelsTest do
+  # The two sets of N = 16 kernels on CUDA (4 lanes a channel, scan.cu; a
+  # lane per state, scan_lps.cu), each forced in turn with
+  # MAMBEX_SCAN_KERNEL. The backend reads the variable on every call, so this
+  # module is `async: false` (ExUnit runs it alone, after the async modules).
+  use ExUnit.Case, async: false
+  import Mambex.ScanTestHelpers
+
+  alias Mambex.{Scan, Tensor}
+
+  @moduletag :cuda
+  @moduletag timeout: 600_000
+
+  @all [d: true, z: true, delta_bias: true, initial_state: true, reset: true]
+
+  # D / G a multiple of 32 (the N = 16 kernels' condition); odd lengths,
+  # partial chunks and pieces, batch 1, groups, every option on and off;
+  # (9, 9, 512) gives the lane-per-state forward 16 channels a block.
+  @fast_cases [
+    {"B2 L61 D64 all", {2, 61, 64, 16, 1}, @all},
+    {"B1 L60 D64 G2 all", {1, 60, 64, 16, 2}, @all},
+    {"B3 L17 D32 z only", {3, 17, 32, 16, 1}, [z: true]},
+    {"B1 L1 D32 all", {1, 1, 32, 16, 1}, @all},
+    {"B2 L40 D96 G3 no softplus", {2, 40, 96, 16, 3}, [softplus: false, d: true, reset: true]},
+    {"B9 L9 D512 all", {9, 9, 512, 16, 1}, @all}
+  ]
+
+  defp cuda, do: Mambex.TestHelpers.cuda_device()
+
+  defp with_kernel(kernel, fun) do
+    System.put_env("MAMBEX_SCAN_KERNEL", kernel)
+
+    try do
+      fun.()
+    after
+      System.delete_env("MAMBEX_SCAN_KERNEL")
+    end
+  end
+
+  for kernel <- ["lps", "lane4"] do
+    for {name, dims, opts} <- @fast_cases do
+      test "#{kernel}: f32 io against the reference: #{name}" do
+        with_kernel(unquote(kernel), fn ->
+          check_reference(
+            unquote(kernel) <> " " <> unquote(name),
+            unquote(Macro.escape(dims)),
+            unquote(opts),
+            cuda(),
+            1.0e-5,
+            1.0e-4
+          )
+        end)
+      end
+    end
+
+    test "#{kernel}: bf16 io against the reference (1e-2)" do
+      io = if cuda() == :cpu, do: {:f, 32}, else: {:bf, 16}
+
+      with_kernel(unquote(kernel), fn ->
+        check_reference(
+          unquote(kernel) <> " bf16",
+          {2, 61, 64, 16, 2},
+          [io: io, param: {:f, 32}] ++ @all,
+          cuda(),
+          1.0e-2,
+          1.0e-2
+        )
+      end)
+    end
+  end
+
+  test "both forwards save the same checkpoints, and either backward takes either's, bit for bit" do
+    dev = cuda()
+    seed = seed_for("kernels checkpoints")
+    {b, l, d, n, _} = dims = {3, 61, 64, 16, 1}
+    inputs = make_inputs(seed, dims, @all)
+    ts = tensors(inputs, dev)
+    d_out = tensor(inputs.d_out, {b, l, d}, {:f, 32}, dev)
+    d_fin = tensor(inputs.d_final, {b, d, n}, {:f, 32}, dev)
+    bits = fn t -> Tensor.to_binary(t) end
+
+    fwd = fn k, ckpt ->
+      with_kernel(k, fn ->
+        Scan.forward(
+          ts.u,
+          ts.delta,
+          ts.a,
+          ts.b,
+          ts.c,
+          [checkpoints: ckpt] ++ forward_opts(ts, inputs)
+        )
+      end)
+    end
+
+    bwd = fn k, ctx ->
+      with_kernel(k, fn -> Scan.backward(ctx, d_out, d_final_state: d_fin) end)
+    end
+
+    grad_bits = fn g -> Map.new(g, fn {k, t} -> {k, bits.(t)} end) end
+
+    {out_l, fin_l, ctx_l} = fwd.("lps", true)
+    {out_4, fin_4, ctx_4} = fwd.("lane4", true)
+
+    if dev != :cpu do
+      assert bits.(ctx_l.checkpoints) == bits.(ctx_4.checkpoints), seed_note(seed)
+      # the same state, the outputs summed over the states in another order
+      assert bits.(fin_l) == bits.(fin_4), seed_note(seed)
+      assert rel_err(values(out_l), values(out_4)) <= 1.0e-6, seed_note(seed)
+    end
+
+    {_, _, ctx_l0} = fwd.("lps", false)
+    {_, _, ctx_40} = fwd.("lane4", false)
+
+    for k <- ["lps", "lane4"] do
+      g = grad_bits.(bwd.(k, ctx_l))
+
+      assert grad_bits.(bwd.(k, ctx_4)) == g,
+             "#{k} backward from the other forward's checkpoints #{seed_note(seed)}"
+
+      assert grad_bits.(bwd.(k, ctx_l0)) == g,
+             "#{k} backward recomputing its checkpoints #{seed_note(seed)}"
+
+      assert grad_bits.(bwd.(k, ctx_40)) == g, seed_note(seed)
+      # and run to run
+      assert grad_bits.(bwd.(k, ctx_l)) == g, seed_note(seed)
+    end
   end
 end

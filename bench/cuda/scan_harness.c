@@ -8,8 +8,9 @@
  *   cc -O2 -std=gnu11 -o /tmp/scan_harness bench/cuda/scan_harness.c -ldl -lm
  *   /tmp/scan_harness priv/mambex_cuda.so [runs] [shape index]
  *
- * Prints: B L D N fwd_us fwdbwd_us fwdbwd_nockpt_us (medians over `runs`,
- * default 50). fwd: inference (no checkpoints); fwdbwd: a training step's
+ * Prints the device time of one empty kernel between the same events (the
+ * floor of any one-launch figure), then: B L D N fwd_us fwdbwd_us
+ * fwdbwd_nockpt_us (medians over `runs`, default 50). fwd: inference (no checkpoints); fwdbwd: a training step's
  * scan (the forward saves checkpoints, the backward reads them);
  * fwdbwd_nockpt: the backward re-runs the forward instead.
  */
@@ -67,6 +68,27 @@ static double time_scan(mx_scan_args *a, void *out, void *hl, mx_scan_grads *g, 
   return m;
 }
 
+/* median device time of an empty kernel (a spin of 0 us) between events */
+static double time_empty(int runs) {
+  double *t = malloc(sizeof(double) * runs);
+  for (int r = -3; r < runs; r++) {
+    void *e0, *e1;
+    double us;
+    OK(G->spin(0, 200, &E));
+    OK(G->event_record(0, &e0, &E));
+    OK(G->spin(0, 0, &E));
+    OK(G->event_record(0, &e1, &E));
+    OK(G->event_elapsed(0, e0, e1, &us, &E));
+    G->event_destroy(0, e0);
+    G->event_destroy(0, e1);
+    if (r >= 0) t[r] = us;
+  }
+  qsort(t, runs, sizeof(double), cmp);
+  double m = t[runs / 2];
+  free(t);
+  return m;
+}
+
 int main(int argc, char **argv) {
   const char *path = argc > 1 ? argv[1] : "priv/mambex_cuda.so";
   int runs = argc > 2 ? atoi(argv[2]) : 50;
@@ -84,6 +106,7 @@ int main(int argc, char **argv) {
   }
   static const int shapes[][2] = {{1, 60}, {32, 60}, {256, 60}, {256, 180}, {64, 1024}, {8, 4096}};
   const int D = 512, N = 16;
+  printf("empty kernel between events: %.2f us\n", time_empty(runs));
   printf("B L D N fwd_us fwdbwd_us fwdbwd_nockpt_us\n");
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     if (only >= 0 && (int)s != only) continue;

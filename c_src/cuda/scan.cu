@@ -58,36 +58,8 @@
 
 #include "cuda_dtypes.cuh"
 #include "cuda_ops.h"
+#include "scan_common.cuh"
 
-#define LOG2E 1.4426950408889634f
-
-typedef struct {
-  int B, L, D, N, G;
-  int CH, LPC, TC;       /* channels per block, lanes per channel, steps per chunk */
-  int softplus;
-  const void *u, *delta, *Bm, *Cm, *z;
-  const float *A, *Dskip, *dbias, *h0;
-  const uint8_t *reset;
-  /* forward */
-  void *out;
-  float *h_last;
-  /* backward */
-  const void *dout;
-  const float *dh_last;
-  float *ck;              /* (B, nchunks, D, N) state at each chunk start */
-  int ck_given;           /* backward16: ck came from the forward (skip pass 1) */
-  void *du, *ddelta, *dz;
-  float *dA_part;         /* (B, D, N) */
-  float *dD_part, *ddb_part; /* (B, D) */
-  float *dB_part, *dC_part;  /* (B, D / CH, L, N) */
-  float *dh0;             /* (B, D, N) */
-} scan_params;
-
-static __device__ __forceinline__ float softplus_f(float x) {
-  return x > 20.0f ? x : log1pf(expf(x));
-}
-
-static __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* Sum over the LPC lanes of a channel (xor butterfly: every lane gets the
  * same bits). */
@@ -251,107 +223,6 @@ __global__ void __launch_bounds__(256) scan_forward_kernel(scan_params p) {
  * launcher). shared: per stage u, delta, z (TC, 32) and B, C (TC, 16) raw;
  * dt_s, y_s (TC, 32) floats; rs_s (TC). */
 #define F16_CH 32
-
-template <class T>
-static __device__ __forceinline__ void cp16(void *dst, const void *src) {
-  __pipeline_memcpy_async(dst, src, 16);
-}
-
-template <class IO>
-static __device__ __forceinline__ float4 load4(const typename IO::T *p) {
-  if constexpr (sizeof(typename IO::T) == 4) {
-    return *(const float4 *)p;
-  } else {
-    uint2 r = *(const uint2 *)p;
-    return make_float4(IO::load((uint16_t)(r.x & 0xffffu)), IO::load((uint16_t)(r.x >> 16)),
-                       IO::load((uint16_t)(r.y & 0xffffu)), IO::load((uint16_t)(r.y >> 16)));
-  }
-}
-
-/* log1p(y) for y in [0, 1]: y times a degree-8 fit of log1p(y)/y (relative
- * error 1.9e-7 evaluated in fp32). */
-static __device__ __forceinline__ float log1p_unit(float y) {
-  float q = 5.253457930e-03f;
-  q = fmaf(q, y, -2.958850749e-02f);
-  q = fmaf(q, y, 7.836166769e-02f);
-  q = fmaf(q, y, -1.367477030e-01f);
-  q = fmaf(q, y, 1.911143064e-01f);
-  q = fmaf(q, y, -2.484436929e-01f);
-  q = fmaf(q, y, 3.331927061e-01f);
-  q = fmaf(q, y, -4.999950230e-01f);
-  q = fmaf(q, y, 1.0f);
-  return y * q;
-}
-
-/* softplus(x) = max(x, 0) + log1p(exp(-|x|)) (x above 20: x) with the
- * special-function exp: relative error about 3e-7 (1e-6 near |x| = 20,
- * where the term is below 2e-9). The fast kernels use it and the next one. */
-static __device__ __forceinline__ float softplus_fast(float x) {
-  if (x > 20.0f) return x;
-  return fmaxf(x, 0.0f) + log1p_unit(__expf(-fabsf(x)));
-}
-
-static __device__ __forceinline__ float sigmoid_fast(float x) {
-  return __fdividef(1.0f, 1.0f + __expf(-x));
-}
-
-/* The per-(t, d) terms of the backward: Δ and dΔ/dδ from the biased delta,
- * and dL/dy from dL/dout and z (silu gate); FAST picks the approximations
- * of the fast kernels. */
-template <bool FAST>
-static __device__ __forceinline__ void delta_terms(float dl, int softplus, float *dt, float *fac) {
-  if (softplus) {
-    *dt = FAST ? softplus_fast(dl) : softplus_f(dl);
-    *fac = dl > 20.0f ? 1.0f : (FAST ? sigmoid_fast(dl) : sigmoid_f(dl));
-  } else {
-    *dt = dl;
-    *fac = 1.0f;
-  }
-}
-
-template <bool FAST>
-static __device__ __forceinline__ float dy_term(float go, float zz, bool has_z) {
-  if (!has_z) return go;
-  return go * zz * (FAST ? sigmoid_fast(zz) : sigmoid_f(zz));
-}
-
-/* Steps between checkpoints of the N = 16 kernels (the forward writes them
- * when asked; the backward's pieces are this long). */
-#define B16_SUB 8
-
-/* Start cp.async copies of `rows` rows of ROW_BYTES (a multiple of 16) from
- * `src`, rows `stride` bytes apart, into `dst` packed, spread over the block. */
-template <int ROW_BYTES>
-static __device__ __forceinline__ void stage_rows(void *dst, const void *src, int64_t stride,
-                                                  int rows) {
-  constexpr int R = ROW_BYTES / 16;
-  for (int i = threadIdx.x; i < rows * R; i += blockDim.x) {
-    const int r = i / R, q = i % R;
-    __pipeline_memcpy_async((char *)dst + (size_t)r * ROW_BYTES + q * 16,
-                            (const char *)src + r * stride + q * 16, 16);
-  }
-}
-
-/* Store one (t, d) of the backward's outputs du, dδ and, with z,
- * dz = dout·y·silu'(z) (y before the gate). */
-template <class IO, bool FAST>
-static __device__ __forceinline__ void store_grads_td(const scan_params &p, int64_t gi, float du,
-                                                      float dd, float yp, float go, float zz) {
-  typedef typename IO::T T;
-  if (p.du) ((T *)p.du)[gi] = IO::store(du);
-  if (p.ddelta) ((T *)p.ddelta)[gi] = IO::store(dd);
-  if (p.dz) {
-    const float sg = FAST ? sigmoid_fast(zz) : sigmoid_f(zz);
-    ((T *)p.dz)[gi] = IO::store(go * yp * sg * (1.0f + zz * (1.0f - sg)));
-  }
-}
-
-/* exp2 on the special-function unit, denormal results flushed to zero. */
-static __device__ __forceinline__ float ex2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 /* LPC lanes per channel (4, 2 or 1), each owning NPT = 16 / LPC contiguous
  * states; CH = 128 / LPC channels per block of 128 threads. RESET: whether a
@@ -737,7 +608,6 @@ __global__ void __launch_bounds__(256) scan_backward_kernel(scan_params p) {
  * shared: 2 stages of u, delta, dout, z (TS, 32) and B, C (TS, 16) raw;
  *         dt_s, fac_s, dy_s, yp_s, du_s, dd_s (TS, 32); rs_s (TS);
  *         red_s (TS, 4, 32). */
-#define LN2 0.6931471805599453f
 #define B16_TS 16
 
 template <class IO, bool RESET, bool CACHE>
@@ -994,25 +864,46 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
   }
 }
 
-/* dB[b, t, g, n] = Σ over the blocks of group g of part[b, blk, t, n]. */
-template <class IO>
-__global__ void scan_reduce_bc_kernel(const float *part, void *out, int B, int L, int G, int N,
-                                      int nblk) {
+/* dB[b, t, g, n] = Σ over the blocks k of group g of partB[b, g·per_g + k, t, n],
+ * and dC likewise from partC (an out pointer may be NULL: skipped). Work
+ * items: X = 256 / Y consecutive (t, n) of one (b, g) and one of dB / dC;
+ * block (X, Y): row y adds k = y, y + Y, ... in order (loads coalesced over
+ * (t, n)), and the Y row sums are added in row order: a fixed order. Y = 1
+ * (a thread per output) unless the blocks are many (the lane-per-state
+ * kernels at batch 1), where Y = 8 spreads each sum over 8 threads. */
+template <class IO, int Y>
+__global__ void __launch_bounds__(256) scan_reduce_bc_kernel(const float *partB, void *outB, const float *partC,
+                                                             void *outC, int B, int L, int G, int N, int nblk) {
   typedef typename IO::T T;
+  constexpr int X = 256 / Y;
+  __shared__ float acc_s[Y][X + 1];
   const int per_g = nblk / G;
-  int64_t total = (int64_t)B * L * G * N;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    int n = (int)(i % N);
-    int64_t r = i / N;
-    int g = (int)(r % G);
-    r /= G;
-    int t = (int)(r % L);
-    int b = (int)(r / L);
+  const int64_t LN = (int64_t)L * N, tiles = (LN + X - 1) / X, items = tiles * B * G * 2;
+  for (int64_t w = blockIdx.x; w < items; w += gridDim.x) {
+    const int64_t tile = w % tiles, bg = (w / tiles) % ((int64_t)B * G);
+    const int which = (int)(w / (tiles * B * G));
+    const float *part = which ? partC : partB;
+    T *out = (T *)(which ? outC : outB);
+    if (out == NULL) continue; /* uniform over the block */
+    const int b = (int)(bg / G), g = (int)(bg % G);
+    const int64_t i = tile * X + threadIdx.x;
+    const float *src = part + ((int64_t)b * nblk + (int64_t)g * per_g) * LN + i;
     float s = 0.0f;
-    for (int k = 0; k < per_g; k++)
-      s += part[(((int64_t)b * nblk + g * per_g + k) * L + t) * N + n];
-    ((T *)out)[i] = IO::store(s);
+    if (i < LN) {
+#pragma unroll 4
+      for (int k = threadIdx.y; k < per_g; k += Y) s += src[k * LN];
+    }
+    if (Y > 1) {
+      acc_s[threadIdx.y][threadIdx.x] = s;
+      __syncthreads();
+      if (threadIdx.y == 0)
+        for (int y = 1; y < Y; y++) s += acc_s[y][threadIdx.x];
+      __syncthreads();
+    }
+    if (threadIdx.y == 0 && i < LN) {
+      const int64_t t = i / N, n = i % N;
+      out[(((int64_t)b * L + t) * G + g) * N + n] = IO::store(s);
+    }
   }
 }
 
@@ -1201,7 +1092,12 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
   if (rc != MX_OK) return rc;
   if (forward16_ok(a)) {
     p.ck = (float *)a->ckpt;
-    rc = launch_forward16(p, a->io, d, err);
+    if (scan_lps_wanted(p)) {
+      p.CH = scan_lps_channels(p, a->io, 0, d->sm_count);
+      rc = scan_lps_forward(p, a->io, d, err);
+    } else {
+      rc = launch_forward16(p, a->io, d, err);
+    }
     mx_cuda_unlock(d);
     return rc;
   }
@@ -1282,27 +1178,32 @@ template <class IO>
 static int backward_reductions(const scan_params &p, const mx_scan_grads *gr, mx_cuda_dev *d,
                                mx_err *err) {
   int nblk = p.D / p.CH;
-  unsigned gbc = mx_cuda_grid(d, (uint64_t)p.B * p.L * p.G * p.N);
-  if (gr->dB) {
-    scan_reduce_bc_kernel<IO><<<gbc, MX_BLOCK, 0, d->stream>>>(p.dB_part, gr->dB, p.B, p.L, p.G, p.N, nblk);
+  if (gr->dB || gr->dC) {
+    const int per_g = nblk / p.G, y = per_g >= 64 ? 8 : 1;
+    const int64_t LN = (int64_t)p.L * p.N;
+    const uint64_t items = (uint64_t)((LN + 256 / y - 1) / (256 / y)) * p.B * p.G * 2;
+    const unsigned grid = (unsigned)(items < 65536 * 16 ? items : 65536 * 16);
+    if (y == 8)
+      scan_reduce_bc_kernel<IO, 8><<<grid, dim3(32, 8), 0, d->stream>>>(p.dB_part, gr->dB, p.dC_part, gr->dC,
+                                                                       p.B, p.L, p.G, p.N, nblk);
+    else
+      scan_reduce_bc_kernel<IO, 1><<<grid, dim3(256, 1), 0, d->stream>>>(p.dB_part, gr->dB, p.dC_part, gr->dC,
+                                                                        p.B, p.L, p.G, p.N, nblk);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_bc_kernel");
   }
-  if (gr->dC) {
-    scan_reduce_bc_kernel<IO><<<gbc, MX_BLOCK, 0, d->stream>>>(p.dC_part, gr->dC, p.B, p.L, p.G, p.N, nblk);
-    MX_CUDA_LAUNCHED(d, err, "scan_reduce_bc_kernel");
-  }
-  if (gr->dA) {
+  /* at batch 1 the N = 16 kernels write dA, dD and dbias directly */
+  if (gr->dA && p.dA_part != (float *)gr->dA) {
     int64_t M = (int64_t)p.D * p.N;
     scan_reduce_batch_kernel<<<(unsigned)((M + 31) / 32), dim3(32, 8), 0, d->stream>>>(
         p.dA_part, (float *)gr->dA, p.B, M);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_batch_kernel");
   }
-  if (gr->dD) {
+  if (gr->dD && p.dD_part != (float *)gr->dD) {
     scan_reduce_batch_kernel<<<(unsigned)((p.D + 31) / 32), dim3(32, 8), 0, d->stream>>>(
         p.dD_part, (float *)gr->dD, p.B, p.D);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_batch_kernel");
   }
-  if (gr->ddelta_bias) {
+  if (gr->ddelta_bias && p.ddb_part != (float *)gr->ddelta_bias) {
     scan_reduce_batch_kernel<<<(unsigned)((p.D + 31) / 32), dim3(32, 8), 0, d->stream>>>(
         p.ddb_part, (float *)gr->ddelta_bias, p.B, p.D);
     MX_CUDA_LAUNCHED(d, err, "scan_reduce_batch_kernel");
@@ -1329,8 +1230,16 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   if (rc != MX_OK) return rc;
   size_t TC = BWD_TC, smem;
   p.TC = BWD_TC;
-  int nsub = 0;
-  if (forward16_ok(a) && aligned16_ptr(d_out)) { /* the fast path (npt 16 marks it) */
+  int nsub = 0, lps = 0;
+  if (forward16_ok(a) && aligned16_ptr(d_out) && scan_lps_wanted(p)) { /* lane per state */
+    npt = 16;
+    lps = 1;
+    p.LPC = 16;
+    p.CH = scan_lps_channels(p, a->io, 1, d->sm_count);
+    p.TC = B16_SUB;
+    smem = 0;
+    nsub = (p.L + B16_SUB - 1) / B16_SUB;
+  } else if (forward16_ok(a) && aligned16_ptr(d_out)) { /* the fast path (npt 16 marks it) */
     npt = 16;
     p.LPC = 4;
     p.CH = F16_CH;
@@ -1365,11 +1274,27 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   p.ddb_part = p.dD_part + n_bd;
   p.dB_part = p.ddb_part + n_bd;
   p.dC_part = p.dB_part + n_bc;
+  if (npt == 16 && p.B == 1) { /* nothing to add over the batch: write the gradients */
+    if (gr->dA) p.dA_part = (float *)gr->dA;
+    if (gr->dD) p.dD_part = (float *)gr->dD;
+    if (gr->ddelta_bias) p.ddb_part = (float *)gr->ddelta_bias;
+  }
   dim3 grid((unsigned)nblk, (unsigned)p.B);
-  switch (a->io) {
-    case MX_F32: rc = backward_io<mx_t_f32>(p, gr, npt, grid, smem, d, err); break;
-    case MX_BF16: rc = backward_io<mx_t_bf16>(p, gr, npt, grid, smem, d, err); break;
-    default: rc = backward_io<mx_t_f16>(p, gr, npt, grid, smem, d, err); break;
+  if (lps) {
+    rc = scan_lps_backward(p, a->io, d, err);
+    if (rc == MX_OK) {
+      switch (a->io) {
+        case MX_F32: rc = backward_reductions<mx_t_f32>(p, gr, d, err); break;
+        case MX_BF16: rc = backward_reductions<mx_t_bf16>(p, gr, d, err); break;
+        default: rc = backward_reductions<mx_t_f16>(p, gr, d, err); break;
+      }
+    }
+  } else {
+    switch (a->io) {
+      case MX_F32: rc = backward_io<mx_t_f32>(p, gr, npt, grid, smem, d, err); break;
+      case MX_BF16: rc = backward_io<mx_t_bf16>(p, gr, npt, grid, smem, d, err); break;
+      default: rc = backward_io<mx_t_f16>(p, gr, npt, grid, smem, d, err); break;
+    }
   }
   cudaFreeAsync(scratch, d->stream); /* stream-ordered after the launches */
   mx_cuda_unlock(d);
