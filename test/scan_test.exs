@@ -945,8 +945,9 @@ defmodule Mambex.ScanMemoryTest do
 end
 
 defmodule Mambex.ScanKernelsTest do
-  # The two sets of N = 16 kernels on CUDA (4 lanes a channel, scan.cu; a
-  # lane per state, scan_lps.cu), each forced in turn with
+  # The three sets of N = 16 kernels on CUDA (4 lanes a channel, scan.cu; a
+  # lane per state, and a lane per state with time split, scan_lps.cu), each
+  # forced in turn with
   # MAMBEX_SCAN_KERNEL. The backend reads the variable on every call, so this
   # module is `async: false` (ExUnit runs it alone, after the async modules).
   use ExUnit.Case, async: false
@@ -967,6 +968,7 @@ defmodule Mambex.ScanKernelsTest do
     {"B1 L60 D64 G2 all", {1, 60, 64, 16, 2}, @all},
     {"B3 L17 D32 z only", {3, 17, 32, 16, 1}, [z: true]},
     {"B1 L1 D32 all", {1, 1, 32, 16, 1}, @all},
+    {"B1 L150 D32 all", {1, 150, 32, 16, 1}, @all},
     {"B2 L40 D96 G3 no softplus", {2, 40, 96, 16, 3}, [softplus: false, d: true, reset: true]},
     {"B9 L9 D512 all", {9, 9, 512, 16, 1}, @all}
   ]
@@ -983,7 +985,7 @@ defmodule Mambex.ScanKernelsTest do
     end
   end
 
-  for kernel <- ["lps", "lane4"] do
+  for kernel <- ["split", "lps", "lane4"] do
     for {name, dims, opts} <- @fast_cases do
       test "#{kernel}: f32 io against the reference: #{name}" do
         with_kernel(unquote(kernel), fn ->
@@ -1015,10 +1017,10 @@ defmodule Mambex.ScanKernelsTest do
     end
   end
 
-  test "both forwards save the same checkpoints, and either backward takes either's, bit for bit" do
+  test "checkpoints: the step-by-step forwards' agree bit for bit, the split one's within rounding; every backward gives the same bits from saved and recomputed ones" do
     dev = cuda()
     seed = seed_for("kernels checkpoints")
-    {b, l, d, n, _} = dims = {3, 61, 64, 16, 1}
+    {b, l, d, n, _} = dims = {3, 133, 64, 16, 1}
     inputs = make_inputs(seed, dims, @all)
     ts = tensors(inputs, dev)
     d_out = tensor(inputs.d_out, {b, l, d}, {:f, 32}, dev)
@@ -1043,19 +1045,23 @@ defmodule Mambex.ScanKernelsTest do
     end
 
     grad_bits = fn g -> Map.new(g, fn {k, t} -> {k, bits.(t)} end) end
+    close = fn x, y -> rel_err(values(x), values(y)) <= 1.0e-6 end
 
     {out_l, fin_l, ctx_l} = fwd.("lps", true)
     {out_4, fin_4, ctx_4} = fwd.("lane4", true)
+    {out_s, fin_s, ctx_s} = fwd.("split", true)
 
     if dev != :cpu do
       assert bits.(ctx_l.checkpoints) == bits.(ctx_4.checkpoints), seed_note(seed)
-      # the same state, the outputs summed over the states in another order
+      # the same states; the outputs summed over the states in another order
       assert bits.(fin_l) == bits.(fin_4), seed_note(seed)
-      assert rel_err(values(out_l), values(out_4)) <= 1.0e-6, seed_note(seed)
+      assert close.(out_l, out_4), seed_note(seed)
+      assert close.(ctx_s.checkpoints, ctx_l.checkpoints), seed_note(seed)
+      assert close.(fin_s, fin_l), seed_note(seed)
+      assert close.(out_s, out_l), seed_note(seed)
     end
 
-    {_, _, ctx_l0} = fwd.("lps", false)
-    {_, _, ctx_40} = fwd.("lane4", false)
+    ctxs = for k <- ["lps", "lane4", "split"], into: %{}, do: {k, elem(fwd.(k, false), 2)}
 
     for k <- ["lps", "lane4"] do
       g = grad_bits.(bwd.(k, ctx_l))
@@ -1063,12 +1069,25 @@ defmodule Mambex.ScanKernelsTest do
       assert grad_bits.(bwd.(k, ctx_4)) == g,
              "#{k} backward from the other forward's checkpoints #{seed_note(seed)}"
 
-      assert grad_bits.(bwd.(k, ctx_l0)) == g,
+      assert grad_bits.(bwd.(k, ctxs["lps"])) == g,
              "#{k} backward recomputing its checkpoints #{seed_note(seed)}"
 
-      assert grad_bits.(bwd.(k, ctx_40)) == g, seed_note(seed)
+      assert grad_bits.(bwd.(k, ctxs["lane4"])) == g, seed_note(seed)
       # and run to run
       assert grad_bits.(bwd.(k, ctx_l)) == g, seed_note(seed)
+    end
+
+    g = bwd.("split", ctx_s)
+
+    assert grad_bits.(bwd.("split", ctxs["split"])) == grad_bits.(g),
+           "split recomputing #{seed_note(seed)}"
+
+    assert grad_bits.(bwd.("split", ctx_s)) == grad_bits.(g), seed_note(seed)
+    g_l = bwd.("lps", ctx_l)
+
+    for {key, t} <- g do
+      assert rel_err(values(t), values(g_l[key])) <= 1.0e-5,
+             "split vs lps gradient of #{key} #{seed_note(seed)}"
     end
   end
 end

@@ -1092,7 +1092,9 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
   if (rc != MX_OK) return rc;
   if (forward16_ok(a)) {
     p.ck = (float *)a->ckpt;
-    if (scan_lps_wanted(p)) {
+    const int kind = scan_lps_wanted(p);
+    if (kind) {
+      p.split = kind == 2;
       p.CH = scan_lps_channels(p, a->io, 0, d->sm_count);
       rc = scan_lps_forward(p, a->io, d, err);
     } else {
@@ -1231,15 +1233,17 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   size_t TC = BWD_TC, smem;
   p.TC = BWD_TC;
   int nsub = 0, lps = 0;
-  if (forward16_ok(a) && aligned16_ptr(d_out) && scan_lps_wanted(p)) { /* lane per state */
+  const int fast = forward16_ok(a) && aligned16_ptr(d_out), kind = fast ? scan_lps_wanted(p) : 0;
+  if (kind) { /* lane per state */
     npt = 16;
     lps = 1;
+    p.split = kind == 2;
     p.LPC = 16;
     p.CH = scan_lps_channels(p, a->io, 1, d->sm_count);
     p.TC = B16_SUB;
     smem = 0;
     nsub = (p.L + B16_SUB - 1) / B16_SUB;
-  } else if (forward16_ok(a) && aligned16_ptr(d_out)) { /* the fast path (npt 16 marks it) */
+  } else if (fast) { /* the fast path (npt 16 marks it) */
     npt = 16;
     p.LPC = 4;
     p.CH = F16_CH;

@@ -22,6 +22,7 @@ typedef struct {
   int B, L, D, N, G;
   int CH, LPC, TC;       /* channels per block, lanes per channel, steps per chunk */
   int softplus;
+  int split;             /* lane-per-state kernels: the time-split variant (scan_lps.cu) */
   const void *u, *delta, *Bm, *Cm, *z;
   const float *A, *Dskip, *dbias, *h0;
   const uint8_t *reset;
@@ -148,8 +149,10 @@ static __device__ __forceinline__ float ex2_ftz(float x) {
 }
 
 /* The lane-per-state kernels for N = 16 (scan_lps.cu). scan_lps_wanted:
- * whether they take a call of this batch and width (MAMBEX_SCAN_KERNEL =
- * lps / lane4 overrides the rule, for tests and benchmarks);
+ * whether they take a call of this batch and width: 0 (no: the 4-lane
+ * kernels of scan.cu), 1 (lane per state), 2 (lane per state, time split;
+ * the launchers read p.split); MAMBEX_SCAN_KERNEL = lane4 / lps / split
+ * overrides the rule, for tests and benchmarks;
  * scan_lps_channels: the channels a block (p.CH) for the forward or the
  * backward. The launchers are called with the device's enqueue mutex held
  * and only enqueue. p.ck as for the fast forward (the state entering every

@@ -325,61 +325,426 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
   }
 }
 
+/* ---- time-split kernels ------------------------------------------------------
+ * At the smallest batches even a lane per state leaves most of the GPU idle,
+ * and each lane walks the whole sequence. The split kernels also cut time:
+ * chunks of SPL_TC = SPL_S * SPL_SEG steps, segment s of a chunk on its own
+ * CH * 16 lanes (block = SPL_S * CH * 16 threads, thread s * CH * 16 + c * 16
+ * + n). The recurrences are linear, so each segment runs from zero and keeps
+ * what multiplies the unknown boundary value; the SPL_S segments' boundary
+ * terms are then folded in segment order (every lane the same fold) and each
+ * step fixed up:
+ *   forward:  h_t = hl_t + P_t h_in, P_t the product of a' = exp(Δ A)·keep
+ *             from the segment's first step to t, h_in the entering state;
+ *   backward: g_t = gl_t + Q_t F, g = dL/dh_t, Q_t the product of a' after t
+ *             to the segment's end, F the flow into its last state from later.
+ * The forward's states (and so its checkpoints) differ from the step-by-step
+ * kernels' by rounding; the backward recomputes each segment's states from
+ * the checkpoint at its start (segments are whole multiples of B16_SUB). */
+#define SPL_S 4
+#define SPL_SEG 16
+#define SPL_TC (SPL_S * SPL_SEG)
+
+/* shared: 2 stages of u, delta, z (TC, CH) and B, C (TC, 16) raw; dt_s, du_s
+ * (TC, CH); y_s (TC, CH, LPS_PAD); rs_s (TC); fold_s (2, SPL_S, CH * 16). */
+template <class IO, int CH, bool RESET>
+__global__ void __launch_bounds__(SPL_S * CH * 16) scan_forward_split_kernel(scan_params p) {
+  typedef typename IO::T T;
+  constexpr int N = 16, TC = SPL_TC, SEG = SPL_SEG, NL = CH * 16, NT = SPL_S * NL;
+  extern __shared__ __align__(16) unsigned char lsm[];
+  const size_t stage_elems = 3 * TC * CH + 2 * TC * N;
+  float *dt_s = (float *)(lsm + 2 * stage_elems * sizeof(T));
+  float *du_s = dt_s + TC * CH;
+  float *y_s = du_s + TC * CH;
+  float *rs_s = y_s + TC * CH * LPS_PAD;
+  float *fold_s = rs_s + TC;
+
+  const int D = p.D, L = p.L, b = blockIdx.y, d0 = blockIdx.x * CH;
+  const int g = d0 / (D / p.G);
+  const int s = threadIdx.x / NL, l = threadIdx.x % NL, c = l >> 4, n = l & 15, d = d0 + c;
+  const bool full = p.out != NULL;
+  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = full ? (const T *)p.z : NULL;
+  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm;
+  const int nchunks = (L + TC - 1) / TC, nsub = (L + B16_SUB - 1) / B16_SUB;
+  const int pc = threadIdx.x % CH;
+  const float my_bias = p.dbias ? p.dbias[d0 + pc] : 0.0f;
+  const float my_D = p.Dskip ? p.Dskip[d0 + pc] : 0.0f;
+
+  auto issue = [&](int k) {
+    if (k < nchunks) {
+      const int t0 = k * TC, tc = min(TC, L - t0);
+      T *st = (T *)lsm + (k & 1) * stage_elems;
+      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
+      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
+      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
+      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
+      if (z) stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, z + row, rs, tc);
+      stage_rows<N * sizeof(T)>(st + 3 * TC * CH, Bm + brow, bs, tc);
+      if (full) stage_rows<N * sizeof(T)>(st + 3 * TC * CH + TC * N, Cm + brow, bs, tc);
+    }
+    __pipeline_commit();
+  };
+
+  const float a2 = p.A[(int64_t)d * N + n] * LOG2E;
+  float h = p.h0 ? p.h0[((int64_t)b * D + d) * N + n] : 0.0f; /* the same in every segment */
+  float *ck = p.ck ? p.ck + ((int64_t)b * nsub * D + d) * N + n : NULL;
+
+  issue(0);
+  issue(1);
+  for (int k = 0; k < nchunks; k++) {
+    const int t0 = k * TC, tc = min(TC, L - t0);
+    const T *st = (const T *)lsm + (k & 1) * stage_elems;
+    const T *u_r = st, *dl_r = st + TC * CH, *z_r = st + 2 * TC * CH;
+    const T *B_r = st + 3 * TC * CH, *C_r = B_r + TC * N;
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    for (int i = threadIdx.x; i < tc * CH; i += NT) {
+      const float dl = IO::load(dl_r[i]) + my_bias, dt = p.softplus ? softplus_fast(dl) : dl;
+      dt_s[i] = dt;
+      du_s[i] = dt * IO::load(u_r[i]);
+    }
+    if (RESET)
+      for (int t = threadIdx.x; t < tc; t += NT) rs_s[t] = p.reset[(int64_t)b * L + t0 + t] ? 0.0f : 1.0f;
+    __syncthreads();
+
+    /* the segment from a zero state: hl_t, and P_t */
+    const int ts = s * SEG, te = min(ts + SEG, tc);
+    float hl_r[SEG], P_r[SEG], hl = 0.0f, P = 1.0f;
+#pragma unroll
+    for (int j = 0; j < SEG; j++) {
+      const int t = ts + j;
+      if (t < te) {
+        const int i = t * CH + c;
+        const float a = ex2_ftz(dt_s[i] * a2) * (RESET ? rs_s[t] : 1.0f);
+        hl = fmaf(a, hl, du_s[i] * IO::load(B_r[t * N + n]));
+        P *= a;
+        hl_r[j] = hl;
+        P_r[j] = P;
+      }
+    }
+    fold_s[s * NL + l] = P;
+    fold_s[(SPL_S + s) * NL + l] = hl;
+    __syncthreads();
+    /* fold the segments in order: this segment's entering state, and the
+     * state after the chunk */
+    float hin = h;
+#pragma unroll
+    for (int s2 = 0; s2 < SPL_S; s2++) {
+      if (s2 == s) hin = h;
+      h = fmaf(fold_s[s2 * NL + l], h, fold_s[(SPL_S + s2) * NL + l]);
+    }
+    float prev = hin;
+#pragma unroll
+    for (int j = 0; j < SEG; j++) {
+      const int t = ts + j;
+      if (t < te) {
+        if (ck && (t0 + t) % B16_SUB == 0) ck[(int64_t)((t0 + t) / B16_SUB) * D * N] = prev;
+        const float ht = fmaf(P_r[j], hin, hl_r[j]);
+        if (full) y_s[(t * CH + c) * LPS_PAD + n] = IO::load(C_r[t * N + n]) * ht;
+        prev = ht;
+      }
+    }
+    __syncthreads();
+
+    if (full) {
+      for (int i = threadIdx.x; i < tc * CH; i += NT) {
+        const float *r = y_s + i * LPS_PAD;
+        float sm[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) sm[q] = (r[4 * q] + r[4 * q + 1]) + (r[4 * q + 2] + r[4 * q + 3]);
+        float y = (sm[0] + sm[1]) + (sm[2] + sm[3]);
+        y = fmaf(my_D, IO::load(u_r[i]), y);
+        if (z) {
+          const float zz = IO::load(z_r[i]);
+          y *= zz * sigmoid_fast(zz);
+        }
+        ((T *)p.out)[((int64_t)b * L + t0 + i / CH) * D + d0 + pc] = IO::store(y);
+      }
+    }
+    __syncthreads();
+    issue(k + 2);
+  }
+  if (p.h_last && s == 0) p.h_last[((int64_t)b * D + d) * N + n] = h;
+}
+
+/* shared: 2 stages of u, delta, dout, z (TC, CH) and B, C (TC, 16) raw;
+ * dt_s, fac_s, dy_s, du_s (TC, CH); sa_s, sb_s, yp_s (TC, CH, LPS_PAD);
+ * bc_s (TC, CH / 2, 32); rs_s (TC); fold_s (2, SPL_S, CH * 16); acc_s (2, NT). */
+template <class IO, int CH, bool RESET>
+__global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(scan_params p) {
+  typedef typename IO::T T;
+  constexpr int N = 16, TC = SPL_TC, SEG = SPL_SEG, NL = CH * 16, NT = SPL_S * NL, SUB = B16_SUB;
+  constexpr int NW = CH / 2; /* warps a segment */
+  extern __shared__ __align__(16) unsigned char lsm[];
+  const size_t stage_elems = 4 * TC * CH + 2 * TC * N;
+  float *dt_s = (float *)(lsm + 2 * stage_elems * sizeof(T));
+  float *fac_s = dt_s + TC * CH;
+  float *dy_s = fac_s + TC * CH;
+  float *du_s = dy_s + TC * CH;
+  float *sa_s = du_s + TC * CH;
+  float *sb_s = sa_s + TC * CH * LPS_PAD;
+  float *yp_s = sb_s + TC * CH * LPS_PAD;
+  float *bc_s = yp_s + TC * CH * LPS_PAD;
+  float *rs_s = bc_s + TC * NW * 32;
+  float *fold_s = rs_s + TC;
+  float *acc_s = fold_s + 2 * SPL_S * NL;
+
+  const int D = p.D, L = p.L, b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH, nblk = D / CH;
+  const int g = d0 / (D / p.G);
+  const int s = threadIdx.x / NL, l = threadIdx.x % NL, c = l >> 4, n = l & 15, d = d0 + c;
+  const int lane = threadIdx.x & 31, wl = l >> 5;
+  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
+  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *dout = (const T *)p.dout;
+  const int nchunks = (L + TC - 1) / TC, nsub = (L + SUB - 1) / SUB;
+  const float *ck = p.ck + ((int64_t)b * nsub * D + d) * N + n;
+  const int pc = threadIdx.x % CH;
+  const float my_bias = p.dbias ? p.dbias[d0 + pc] : 0.0f;
+  const float my_D = p.Dskip ? p.Dskip[d0 + pc] : 0.0f;
+
+  auto issue = [&](int k, int m) {
+    if (k >= 0) {
+      const int t0 = k * TC, tc = min(TC, L - t0);
+      T *st = (T *)lsm + (m & 1) * stage_elems;
+      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
+      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
+      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
+      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
+      stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, dout + row, rs, tc);
+      if (z) stage_rows<CH * sizeof(T)>(st + 3 * TC * CH, z + row, rs, tc);
+      stage_rows<N * sizeof(T)>(st + 4 * TC * CH, Bm + brow, bs, tc);
+      stage_rows<N * sizeof(T)>(st + 4 * TC * CH + TC * N, Cm + brow, bs, tc);
+    }
+    __pipeline_commit();
+  };
+
+  const float a2 = p.A[(int64_t)d * N + n] * LOG2E;
+  /* dh: the flow into the last state of the chunk from later steps (the
+   * same in every segment) */
+  float dh = p.dh_last ? p.dh_last[((int64_t)b * D + d) * N + n] : 0.0f;
+  float dA = 0.0f, dD_acc = 0.0f, ddb_acc = 0.0f;
+
+  issue(nchunks - 1, 0);
+  issue(nchunks - 2, 1);
+  for (int m = 0; m < nchunks; m++) {
+    const int k = nchunks - 1 - m, t0 = k * TC, tc = min(TC, L - t0);
+    const T *st = (const T *)lsm + (m & 1) * stage_elems;
+    const T *u_r = st, *dl_r = st + TC * CH, *go_r = st + 2 * TC * CH, *z_r = st + 3 * TC * CH;
+    const T *B_r = st + 4 * TC * CH, *C_r = B_r + TC * N;
+    const int ts = s * SEG, te = min(ts + SEG, tc);
+    /* the segment's entering state, from its checkpoint (its latency
+     * overlaps the wait and the conversion) */
+    const float hin = ts < tc ? ck[(int64_t)((t0 + ts) / SUB) * D * N] : 0.0f;
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    for (int i = threadIdx.x; i < tc * CH; i += NT) {
+      float dt;
+      delta_terms<true>(IO::load(dl_r[i]) + my_bias, p.softplus, &dt, &fac_s[i]);
+      dt_s[i] = dt;
+      du_s[i] = dt * IO::load(u_r[i]);
+      dy_s[i] = dy_term<true>(IO::load(go_r[i]), z ? IO::load(z_r[i]) : 0.0f, z != NULL);
+    }
+    if (RESET)
+      for (int t = threadIdx.x; t < tc; t += NT) rs_s[t] = p.reset[(int64_t)b * L + t0 + t] ? 0.0f : 1.0f;
+    __syncthreads();
+
+    /* the segment's states, as the step-by-step forward computes them */
+    float av[SEG], hist[SEG], h = hin;
+#pragma unroll
+    for (int j = 0; j < SEG; j++) {
+      const int t = ts + j;
+      if (t < te) {
+        const int i = t * CH + c;
+        av[j] = ex2_ftz(dt_s[i] * a2);
+        h = fmaf(av[j], RESET ? h * rs_s[t] : h, du_s[i] * IO::load(B_r[t * N + n]));
+        hist[j] = h;
+        if (z) yp_s[i * LPS_PAD + n] = IO::load(C_r[t * N + n]) * h;
+      }
+    }
+    /* the reverse from a zero flow: gl_t, and Q_t */
+    float gl[SEG], Q[SEG], fl = 0.0f, q = 1.0f;
+#pragma unroll
+    for (int j = SEG - 1; j >= 0; j--) {
+      const int t = ts + j;
+      if (t < te) {
+        gl[j] = fmaf(IO::load(C_r[t * N + n]), dy_s[t * CH + c], fl);
+        Q[j] = q;
+        const float ak = RESET ? av[j] * rs_s[t] : av[j];
+        fl = gl[j] * ak;
+        q *= ak;
+      }
+    }
+    fold_s[s * NL + l] = q;
+    fold_s[(SPL_S + s) * NL + l] = fl;
+    __syncthreads();
+    /* fold from the last segment: the flow into this segment's last state,
+     * and the flow out of the chunk */
+    float F = dh;
+#pragma unroll
+    for (int s2 = SPL_S - 1; s2 >= 0; s2--) {
+      if (s2 == s) F = dh;
+      dh = fmaf(fold_s[s2 * NL + l], dh, fold_s[(SPL_S + s2) * NL + l]);
+    }
+    const bool hi = lane >= 16;
+#pragma unroll
+    for (int j = 0; j < SEG; j++) {
+      const int t = ts + j;
+      if (t < te) {
+        const int i = t * CH + c;
+        const float keep = RESET ? rs_s[t] : 1.0f, gy = dy_s[i];
+        const float hprev = (j > 0 ? hist[j > 0 ? j - 1 : 0] : hin) * keep;
+        const float g_h = fmaf(Q[j], F, gl[j]);
+        const float gha = g_h * av[j] * hprev;
+        dA = fmaf(dt_s[i], gha, dA);
+        sa_s[i * LPS_PAD + n] = a2 * gha;
+        sb_s[i * LPS_PAD + n] = g_h * IO::load(B_r[t * N + n]);
+        const float vb = g_h * du_s[i], vc = gy * hist[j];
+        const float sum = (hi ? vc : vb) + __shfl_xor_sync(0xffffffffu, hi ? vb : vc, 16);
+        bc_s[(t * NW + wl) * 32 + lane] = sum;
+      }
+    }
+    __syncthreads();
+
+    for (int i = threadIdx.x; i < tc * CH; i += NT) {
+      const float *ra = sa_s + i * LPS_PAD, *rb = sb_s + i * LPS_PAD;
+      float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+      for (int qq = 0; qq < 16; qq++) {
+        sa += ra[qq];
+        sb += rb[qq];
+      }
+      const float uu = IO::load(u_r[i]), gy = dy_s[i];
+      const float ddl = fmaf(LN2, sa, uu * sb) * fac_s[i];
+      float yp = 0.0f, go = 0.0f, zz = 0.0f;
+      if (z) {
+        const float *ry = yp_s + i * LPS_PAD;
+#pragma unroll
+        for (int qq = 0; qq < 16; qq++) yp += ry[qq];
+        yp = fmaf(my_D, uu, yp);
+        go = IO::load(go_r[i]);
+        zz = IO::load(z_r[i]);
+      }
+      store_grads_td<IO, true>(p, ((int64_t)b * L + t0 + i / CH) * D + d0 + pc, fmaf(my_D, gy, dt_s[i] * sb),
+                               ddl, yp, go, zz);
+      dD_acc = fmaf(gy, uu, dD_acc);
+      ddb_acc += ddl;
+    }
+    for (int i = threadIdx.x; i < tc * 32; i += NT) {
+      const int t = i >> 5, slot = i & 31;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < NW; w++) sum += bc_s[(t * NW + w) * 32 + slot];
+      float *dst = slot < N ? p.dB_part : p.dC_part;
+      if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (slot & 15)] = sum;
+    }
+    __syncthreads();
+    issue(k - 2, m);
+  }
+
+  /* dA over the segments, in segment order; dD and dbias over the NT / CH
+   * threads of each channel, in thread order */
+  acc_s[threadIdx.x] = dA;
+  __syncthreads();
+  if (s == 0) {
+    float t = 0.0f;
+    for (int s2 = 0; s2 < SPL_S; s2++) t += acc_s[s2 * NL + l];
+    p.dA_part[((int64_t)b * D + d) * N + n] = t;
+    if (p.dh0) p.dh0[((int64_t)b * D + d) * N + n] = dh;
+  }
+  __syncthreads();
+  acc_s[threadIdx.x] = dD_acc;
+  acc_s[NT + threadIdx.x] = ddb_acc;
+  __syncthreads();
+  if (threadIdx.x < CH) {
+    float sd = 0.0f, sbias = 0.0f;
+    for (int r = 0; r < NT / CH; r++) {
+      sd += acc_s[r * CH + threadIdx.x];
+      sbias += acc_s[NT + r * CH + threadIdx.x];
+    }
+    p.dD_part[(int64_t)b * D + d0 + threadIdx.x] = sd;
+    p.ddb_part[(int64_t)b * D + d0 + threadIdx.x] = sbias;
+  }
+}
+
 /* ---- launchers ------------------------------------------------------------ */
 
-static size_t lps_forward_smem(int CH, size_t es) {
+static size_t lps_forward_smem(int CH, size_t es, int split) {
+  if (split) {
+    const size_t TC = SPL_TC, NL = (size_t)CH * 16;
+    return 2 * (3 * TC * CH + 2 * TC * 16) * es +
+           sizeof(float) * (2 * TC * CH + TC * CH * LPS_PAD + TC + 2 * SPL_S * NL);
+  }
   const size_t TC = LPS_TC;
   return LPS_NSTAGE * (3 * TC * CH + 2 * TC * 16) * es + sizeof(float) * (2 * TC * CH + TC * CH * LPS_PAD + TC);
 }
 
-static size_t lps_backward_smem(int CH, size_t es) {
+static size_t lps_backward_smem(int CH, size_t es, int split) {
+  if (split) {
+    const size_t TC = SPL_TC, NL = (size_t)CH * 16;
+    return 2 * (4 * TC * CH + 2 * TC * 16) * es +
+           sizeof(float) * (4 * TC * CH + 3 * TC * CH * LPS_PAD + TC * (CH / 2) * 32 + TC + 2 * SPL_S * NL +
+                            2 * SPL_S * NL);
+  }
   const size_t TC = LPS_TC;
   return LPS_NSTAGE * (4 * TC * CH + 2 * TC * 16) * es +
          sizeof(float) * (4 * TC * CH + 3 * TC * CH * LPS_PAD + TC * (CH / 2) * 32 + TC + 2 * CH * 16);
 }
 
-/* Measured on the H200 (bench/results/scan_lps_*.txt): the lane-per-state
- * kernels win at the latency-bound sizes, B * D up to 4096 (batch 1: 8.6 /
- * 29.1 us forward / forward+backward against 10.9 / 40.0; (8, 4096): 1709
- * against 2075 us forward+backward), and lose 1.5-2x at B * D >= 16384. */
+/* Measured on the H200 (bench/results/scan_lps_harness_*.txt): the
+ * lane-per-state kernels win at the latency-bound sizes, B * D up to 4096
+ * (batch 1: 9.0 / 30.7 us forward / forward+backward against 11.0 / 40.4;
+ * (8, 4096): 1716 against 1994 us forward+backward), and lose 1.5-2x from
+ * B * D = 16384 on; the time split wins below SPLIT_MAX_BD. */
+#define SPLIT_MAX_BD 2048
 int scan_lps_wanted(const scan_params &p) {
   const char *o = getenv("MAMBEX_SCAN_KERNEL");
+  if (o && strcmp(o, "split") == 0) return 2;
   if (o && strcmp(o, "lps") == 0) return 1;
   if (o && strcmp(o, "lane4") == 0) return 0;
-  return (int64_t)p.B * p.D <= 4096;
+  const int64_t bd = (int64_t)p.B * p.D;
+  return bd <= SPLIT_MAX_BD ? 2 : bd <= 4096 ? 1 : 0;
 }
 
-/* At least 16 bytes a staged row (4 f32 or 8 16-bit channels), then as many
- * as keep two blocks per SM busy, at most 16 (8 for the backward, whose
- * shared memory grows with CH). D / G is a multiple of 32 (the fast-path
- * condition), so every choice divides it. */
+/* At least 16 bytes a staged row (4 f32 or 8 16-bit channels); the
+ * time-split kernels take exactly that (their blocks are 4x larger), the
+ * others as many as keep two blocks per SM busy, at most 16 (8 for the
+ * backward, whose shared memory grows with CH). D / G is a multiple of 32
+ * (the fast-path condition), so every choice divides it. */
 int scan_lps_channels(const scan_params &p, int io, int backward, int sm_count) {
   const int min_ch = io == MX_F32 ? 4 : 8;
+  if (p.split) return min_ch;
   int ch = backward ? 8 : 16;
   while (ch > min_ch && (int64_t)p.B * (p.D / ch) < 2LL * sm_count) ch >>= 1;
   return ch;
 }
 
-template <class IO, int CH, bool RESET>
-static int lps_forward_launch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
-  const size_t smem = lps_forward_smem(CH, sizeof(typename IO::T));
-  auto kern = scan_forward_lps_kernel<IO, CH, RESET>;
+template <class K>
+static int lps_launch(K kern, const scan_params &p, int threads, size_t smem, mx_cuda_dev *d, mx_err *err,
+                      const char *name) {
   if (smem > 48 * 1024) {
     int rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if (rc != MX_OK) return rc;
   }
-  kern<<<dim3((unsigned)(p.D / CH), (unsigned)p.B), CH * 16, smem, d->stream>>>(p);
-  return MX_CUDA_LAUNCH_RC(d, err, "scan_forward_lps_kernel");
+  kern<<<dim3((unsigned)(p.D / p.CH), (unsigned)p.B), threads, smem, d->stream>>>(p);
+  return mx_cuda_check(cudaGetLastError(), d->index, err, name, __FILE__, __LINE__);
+}
+
+template <class IO, int CH, bool RESET>
+static int lps_forward_launch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
+  const size_t smem = lps_forward_smem(CH, sizeof(typename IO::T), p.split);
+  if (p.split)
+    return lps_launch(scan_forward_split_kernel<IO, CH, RESET>, p, SPL_S * CH * 16, smem, d, err,
+                      "scan_forward_split_kernel launch");
+  return lps_launch(scan_forward_lps_kernel<IO, CH, RESET>, p, CH * 16, smem, d, err, "scan_forward_lps_kernel launch");
 }
 
 template <class IO, int CH, bool RESET>
 static int lps_backward_launch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
-  const size_t smem = lps_backward_smem(CH, sizeof(typename IO::T));
-  auto kern = scan_backward_lps_kernel<IO, CH, RESET>;
-  int rc = MX_CUDA_CALL(d, err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  if (rc != MX_OK) return rc;
-  kern<<<dim3((unsigned)(p.D / CH), (unsigned)p.B), CH * 16, smem, d->stream>>>(p);
-  return MX_CUDA_LAUNCH_RC(d, err, "scan_backward_lps_kernel");
+  const size_t smem = lps_backward_smem(CH, sizeof(typename IO::T), p.split);
+  if (p.split)
+    return lps_launch(scan_backward_split_kernel<IO, CH, RESET>, p, SPL_S * CH * 16, smem, d, err,
+                      "scan_backward_split_kernel launch");
+  return lps_launch(scan_backward_lps_kernel<IO, CH, RESET>, p, CH * 16, smem, d, err,
+                    "scan_backward_lps_kernel launch");
 }
 
 template <class IO, bool RESET>
@@ -389,11 +754,12 @@ static int lps_forward_ch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
       if constexpr (sizeof(typename IO::T) == 4) return lps_forward_launch<IO, 4, RESET>(p, d, err);
       break;
     case 8: return lps_forward_launch<IO, 8, RESET>(p, d, err);
-    case 16: return lps_forward_launch<IO, 16, RESET>(p, d, err);
+    case 16:
+      if (!p.split) return lps_forward_launch<IO, 16, RESET>(p, d, err);
+      break;
   }
   return mx_cuda_fail(err, MX_E_ARG, "scan: no lane-per-state forward for %d channels a block", p.CH);
 }
-
 template <class IO, bool RESET>
 static int lps_backward_ch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
   switch (p.CH) {
