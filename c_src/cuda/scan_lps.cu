@@ -341,8 +341,10 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
  * The forward's states (and so its checkpoints) differ from the step-by-step
  * kernels' by rounding; the backward recomputes each segment's states from
  * the checkpoint at its start (segments are whole multiples of B16_SUB). */
+#ifndef SPL_S /* (overridable for experiments; SPL_SEG a multiple of B16_SUB) */
 #define SPL_S 4
 #define SPL_SEG 16
+#endif
 #define SPL_TC (SPL_S * SPL_SEG)
 
 /* shared: 2 stages of u, delta, z (TC, CH) and B, C (TC, 16) raw; dt_s, du_s
@@ -689,11 +691,14 @@ static size_t lps_backward_smem(int CH, size_t es, int split) {
          sizeof(float) * (4 * TC * CH + 3 * TC * CH * LPS_PAD + TC * (CH / 2) * 32 + TC + 2 * CH * 16);
 }
 
-/* Measured on the H200 (bench/results/scan_lps_harness_*.txt): the
- * lane-per-state kernels win at the latency-bound sizes, B * D up to 4096
- * (batch 1: 9.0 / 30.7 us forward / forward+backward against 11.0 / 40.4;
- * (8, 4096): 1716 against 1994 us forward+backward), and lose 1.5-2x from
- * B * D = 16384 on; the time split wins below SPLIT_MAX_BD. */
+/* The rule, from device times on the H200 at D = 512, L = 60 (forward /
+ * forward+backward us; bench/results/scan_split_harness_*.txt):
+ *   batch       1            2            4            8            32
+ *   split   5.8 / 17.5   6.3 / 25.4   8.0 / 34.3  12.2 / 52.3  35.7 / 169
+ *   lps     8.9 / 30.3   9.1 / 36.9   9.7 / 38.7  10.8 / 43.4  25.6 / 121
+ *   lane4  10.8 / 40.1  10.8 / 46.6  11.0 / 47.0  11.3 / 47.6  16.5 / 67.6
+ * and at (8, 4096) lps 410 / 1711 against lane4 418 / 1993 (split 464 /
+ * 2265): the time split up to B * D = 2048, a lane per state up to 4096. */
 #define SPLIT_MAX_BD 2048
 int scan_lps_wanted(const scan_params &p) {
   const char *o = getenv("MAMBEX_SCAN_KERNEL");
