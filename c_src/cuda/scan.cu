@@ -1094,7 +1094,7 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
     p.ck = (float *)a->ckpt;
     const int kind = scan_lps_wanted(p);
     if (kind) {
-      p.split = kind == 2;
+      p.split = kind == 2 ? scan_lps_split(p) : 0;
       p.CH = scan_lps_channels(p, a->io, 0, d->sm_count);
       rc = scan_lps_forward(p, a->io, d, err);
     } else {
@@ -1237,7 +1237,7 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   if (kind) { /* lane per state */
     npt = 16;
     lps = 1;
-    p.split = kind == 2;
+    p.split = kind == 2 ? scan_lps_split(p) : 0;
     p.LPC = 16;
     p.CH = scan_lps_channels(p, a->io, 1, d->sm_count);
     p.TC = B16_SUB;

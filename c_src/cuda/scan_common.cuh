@@ -22,7 +22,7 @@ typedef struct {
   int B, L, D, N, G;
   int CH, LPC, TC;       /* channels per block, lanes per channel, steps per chunk */
   int softplus;
-  int split;             /* lane-per-state kernels: the time-split variant (scan_lps.cu) */
+  int split;             /* time-split lane-per-state kernels: segments a chunk (0: not split) */
   const void *u, *delta, *Bm, *Cm, *z;
   const float *A, *Dskip, *dbias, *h0;
   const uint8_t *reset;
@@ -160,6 +160,8 @@ static __device__ __forceinline__ float ex2_ftz(float x) {
  * checkpoint-only forward into p.ck) and writes the same partials as the
  * fast backward, with p.CH channels a block. */
 MX_CUDA_HIDDEN int scan_lps_wanted(const scan_params &p);
+/* the segments a chunk (p.split) when the time-split kernels are wanted */
+MX_CUDA_HIDDEN int scan_lps_split(const scan_params &p);
 MX_CUDA_HIDDEN int scan_lps_channels(const scan_params &p, int io, int backward, int sm_count);
 MX_CUDA_HIDDEN int scan_lps_forward(const scan_params &p, int io, mx_cuda_dev *d, mx_err *err);
 MX_CUDA_HIDDEN int scan_lps_backward(const scan_params &p, int io, mx_cuda_dev *d, mx_err *err);

@@ -328,10 +328,10 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
 /* ---- time-split kernels ------------------------------------------------------
  * At the smallest batches even a lane per state leaves most of the GPU idle,
  * and each lane walks the whole sequence. The split kernels also cut time:
- * chunks of SPL_TC = SPL_S * SPL_SEG steps, segment s of a chunk on its own
- * CH * 16 lanes (block = SPL_S * CH * 16 threads, thread s * CH * 16 + c * 16
+ * chunks of SPL_TC steps as S segments, segment s of a chunk on its own
+ * CH * 16 lanes (block = S * CH * 16 threads, thread s * CH * 16 + c * 16
  * + n). The recurrences are linear, so each segment runs from zero and keeps
- * what multiplies the unknown boundary value; the SPL_S segments' boundary
+ * what multiplies the unknown boundary value; the S segments' boundary
  * terms are then folded in segment order (every lane the same fold) and each
  * step fixed up:
  *   forward:  h_t = hl_t + P_t h_in, P_t the product of a' = exp(Δ A)·keep
@@ -341,18 +341,14 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
  * The forward's states (and so its checkpoints) differ from the step-by-step
  * kernels' by rounding; the backward recomputes each segment's states from
  * the checkpoint at its start (segments are whole multiples of B16_SUB). */
-#ifndef SPL_S /* (overridable for experiments; SPL_SEG a multiple of B16_SUB) */
-#define SPL_S 4
-#define SPL_SEG 16
-#endif
-#define SPL_TC (SPL_S * SPL_SEG)
+#define SPL_TC 64 /* steps a chunk: S segments of SPL_TC / S >= B16_SUB steps */
 
 /* shared: 2 stages of u, delta, z (TC, CH) and B, C (TC, 16) raw; dt_s, du_s
- * (TC, CH); y_s (TC, CH, LPS_PAD); rs_s (TC); fold_s (2, SPL_S, CH * 16). */
-template <class IO, int CH, bool RESET>
-__global__ void __launch_bounds__(SPL_S * CH * 16) scan_forward_split_kernel(scan_params p) {
+ * (TC, CH); y_s (TC, CH, LPS_PAD); rs_s (TC); fold_s (2, S, CH * 16). */
+template <class IO, int CH, bool RESET, int S>
+__global__ void __launch_bounds__(S * CH * 16) scan_forward_split_kernel(scan_params p) {
   typedef typename IO::T T;
-  constexpr int N = 16, TC = SPL_TC, SEG = SPL_SEG, NL = CH * 16, NT = SPL_S * NL;
+  constexpr int N = 16, TC = SPL_TC, SEG = SPL_TC / S, NL = CH * 16, NT = S * NL;
   extern __shared__ __align__(16) unsigned char lsm[];
   const size_t stage_elems = 3 * TC * CH + 2 * TC * N;
   float *dt_s = (float *)(lsm + 2 * stage_elems * sizeof(T));
@@ -425,15 +421,15 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_forward_split_kernel(sca
       }
     }
     fold_s[s * NL + l] = P;
-    fold_s[(SPL_S + s) * NL + l] = hl;
+    fold_s[(S + s) * NL + l] = hl;
     __syncthreads();
     /* fold the segments in order: this segment's entering state, and the
      * state after the chunk */
     float hin = h;
 #pragma unroll
-    for (int s2 = 0; s2 < SPL_S; s2++) {
+    for (int s2 = 0; s2 < S; s2++) {
       if (s2 == s) hin = h;
-      h = fmaf(fold_s[s2 * NL + l], h, fold_s[(SPL_S + s2) * NL + l]);
+      h = fmaf(fold_s[s2 * NL + l], h, fold_s[(S + s2) * NL + l]);
     }
     float prev = hin;
 #pragma unroll
@@ -463,7 +459,7 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_forward_split_kernel(sca
         ((T *)p.out)[((int64_t)b * L + t0 + i / CH) * D + d0 + pc] = IO::store(y);
       }
     }
-    __syncthreads();
+    if (k + 2 < nchunks) __syncthreads(); /* the slot is refilled */
     issue(k + 2);
   }
   if (p.h_last && s == 0) p.h_last[((int64_t)b * D + d) * N + n] = h;
@@ -471,11 +467,11 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_forward_split_kernel(sca
 
 /* shared: 2 stages of u, delta, dout, z (TC, CH) and B, C (TC, 16) raw;
  * dt_s, fac_s, dy_s, du_s (TC, CH); sa_s, sb_s, yp_s (TC, CH, LPS_PAD);
- * bc_s (TC, CH / 2, 32); rs_s (TC); fold_s (2, SPL_S, CH * 16); acc_s (2, NT). */
-template <class IO, int CH, bool RESET>
-__global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(scan_params p) {
+ * bc_s (TC, CH / 2, 32); rs_s (TC); fold_s (2, S, CH * 16); acc_s (2, NT). */
+template <class IO, int CH, bool RESET, int S>
+__global__ void __launch_bounds__(S * CH * 16) scan_backward_split_kernel(scan_params p) {
   typedef typename IO::T T;
-  constexpr int N = 16, TC = SPL_TC, SEG = SPL_SEG, NL = CH * 16, NT = SPL_S * NL, SUB = B16_SUB;
+  constexpr int N = 16, TC = SPL_TC, SEG = SPL_TC / S, NL = CH * 16, NT = S * NL, SUB = B16_SUB;
   constexpr int NW = CH / 2; /* warps a segment */
   extern __shared__ __align__(16) unsigned char lsm[];
   const size_t stage_elems = 4 * TC * CH + 2 * TC * N;
@@ -489,7 +485,7 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(sc
   float *bc_s = yp_s + TC * CH * LPS_PAD;
   float *rs_s = bc_s + TC * NW * 32;
   float *fold_s = rs_s + TC;
-  float *acc_s = fold_s + 2 * SPL_S * NL;
+  float *acc_s = fold_s + 2 * S * NL;
 
   const int D = p.D, L = p.L, b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH, nblk = D / CH;
   const int g = d0 / (D / p.G);
@@ -576,15 +572,15 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(sc
       }
     }
     fold_s[s * NL + l] = q;
-    fold_s[(SPL_S + s) * NL + l] = fl;
+    fold_s[(S + s) * NL + l] = fl;
     __syncthreads();
     /* fold from the last segment: the flow into this segment's last state,
      * and the flow out of the chunk */
     float F = dh;
 #pragma unroll
-    for (int s2 = SPL_S - 1; s2 >= 0; s2--) {
+    for (int s2 = S - 1; s2 >= 0; s2--) {
       if (s2 == s) F = dh;
-      dh = fmaf(fold_s[s2 * NL + l], dh, fold_s[(SPL_S + s2) * NL + l]);
+      dh = fmaf(fold_s[s2 * NL + l], dh, fold_s[(S + s2) * NL + l]);
     }
     const bool hi = lane >= 16;
 #pragma unroll
@@ -638,7 +634,7 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(sc
       float *dst = slot < N ? p.dB_part : p.dC_part;
       if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (slot & 15)] = sum;
     }
-    __syncthreads();
+    if (k >= 2) __syncthreads(); /* the slot is refilled */
     issue(k - 2, m);
   }
 
@@ -648,7 +644,7 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(sc
   __syncthreads();
   if (s == 0) {
     float t = 0.0f;
-    for (int s2 = 0; s2 < SPL_S; s2++) t += acc_s[s2 * NL + l];
+    for (int s2 = 0; s2 < S; s2++) t += acc_s[s2 * NL + l];
     p.dA_part[((int64_t)b * D + d) * N + n] = t;
     if (p.dh0) p.dh0[((int64_t)b * D + d) * N + n] = dh;
   }
@@ -670,10 +666,10 @@ __global__ void __launch_bounds__(SPL_S * CH * 16) scan_backward_split_kernel(sc
 /* ---- launchers ------------------------------------------------------------ */
 
 static size_t lps_forward_smem(int CH, size_t es, int split) {
-  if (split) {
+  if (split) { /* split = S, the segments a chunk */
     const size_t TC = SPL_TC, NL = (size_t)CH * 16;
     return 2 * (3 * TC * CH + 2 * TC * 16) * es +
-           sizeof(float) * (2 * TC * CH + TC * CH * LPS_PAD + TC + 2 * SPL_S * NL);
+           sizeof(float) * (2 * TC * CH + TC * CH * LPS_PAD + TC + 2 * split * NL);
   }
   const size_t TC = LPS_TC;
   return LPS_NSTAGE * (3 * TC * CH + 2 * TC * 16) * es + sizeof(float) * (2 * TC * CH + TC * CH * LPS_PAD + TC);
@@ -683,8 +679,8 @@ static size_t lps_backward_smem(int CH, size_t es, int split) {
   if (split) {
     const size_t TC = SPL_TC, NL = (size_t)CH * 16;
     return 2 * (4 * TC * CH + 2 * TC * 16) * es +
-           sizeof(float) * (4 * TC * CH + 3 * TC * CH * LPS_PAD + TC * (CH / 2) * 32 + TC + 2 * SPL_S * NL +
-                            2 * SPL_S * NL);
+           sizeof(float) * (4 * TC * CH + 3 * TC * CH * LPS_PAD + TC * (CH / 2) * 32 + TC + 2 * split * NL +
+                            2 * split * NL);
   }
   const size_t TC = LPS_TC;
   return LPS_NSTAGE * (4 * TC * CH + 2 * TC * 16) * es +
@@ -698,8 +694,11 @@ static size_t lps_backward_smem(int CH, size_t es, int split) {
  *   lps     8.9 / 30.3   9.1 / 36.9   9.7 / 38.7  10.8 / 43.4  25.6 / 121
  *   lane4  10.8 / 40.1  10.8 / 46.6  11.0 / 47.0  11.3 / 47.6  16.5 / 67.6
  * and at (8, 4096) lps 410 / 1711 against lane4 418 / 1993 (split 464 /
- * 2265): the time split up to B * D = 2048, a lane per state up to 4096. */
+ * 2265): the time split up to B * D = 2048, a lane per state up to 4096.
+ * Split into 8 segments of 8 steps instead of 4 of 16: 5.5 / 16.8 at batch
+ * 1, 6.8 / 29.8 at batch 2: 8 up to B * D = 512. */
 #define SPLIT_MAX_BD 2048
+#define SPLIT8_MAX_BD 512
 int scan_lps_wanted(const scan_params &p) {
   const char *o = getenv("MAMBEX_SCAN_KERNEL");
   if (o && strcmp(o, "split") == 0) return 2;
@@ -708,6 +707,8 @@ int scan_lps_wanted(const scan_params &p) {
   const int64_t bd = (int64_t)p.B * p.D;
   return bd <= SPLIT_MAX_BD ? 2 : bd <= 4096 ? 1 : 0;
 }
+
+int scan_lps_split(const scan_params &p) { return (int64_t)p.B * p.D <= SPLIT8_MAX_BD ? 8 : 4; }
 
 /* At least 16 bytes a staged row (4 f32 or 8 16-bit channels); the
  * time-split kernels take exactly that (their blocks are 4x larger), the
@@ -733,21 +734,39 @@ static int lps_launch(K kern, const scan_params &p, int threads, size_t smem, mx
   return mx_cuda_check(cudaGetLastError(), d->index, err, name, __FILE__, __LINE__);
 }
 
+/* The segments a chunk of the time-split kernels: p.split (8 or 4) where
+ * the block stays at 512 threads, else 4; 0 for the other kernels. */
+static int split_segments(const scan_params &p, int CH) { return p.split == 8 && CH == 4 ? 8 : p.split ? 4 : 0; }
+
 template <class IO, int CH, bool RESET>
 static int lps_forward_launch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
-  const size_t smem = lps_forward_smem(CH, sizeof(typename IO::T), p.split);
-  if (p.split)
-    return lps_launch(scan_forward_split_kernel<IO, CH, RESET>, p, SPL_S * CH * 16, smem, d, err,
-                      "scan_forward_split_kernel launch");
+  const size_t smem = lps_forward_smem(CH, sizeof(typename IO::T), split_segments(p, CH));
+  if constexpr (CH == 4) {
+    if (p.split == 8)
+      return lps_launch(scan_forward_split_kernel<IO, CH, RESET, 8>, p, 8 * CH * 16, smem, d, err,
+                        "scan_forward_split_kernel launch");
+  }
+  if constexpr (CH <= 8) {
+    if (p.split)
+      return lps_launch(scan_forward_split_kernel<IO, CH, RESET, 4>, p, 4 * CH * 16, smem, d, err,
+                        "scan_forward_split_kernel launch");
+  }
   return lps_launch(scan_forward_lps_kernel<IO, CH, RESET>, p, CH * 16, smem, d, err, "scan_forward_lps_kernel launch");
 }
 
 template <class IO, int CH, bool RESET>
 static int lps_backward_launch(const scan_params &p, mx_cuda_dev *d, mx_err *err) {
-  const size_t smem = lps_backward_smem(CH, sizeof(typename IO::T), p.split);
-  if (p.split)
-    return lps_launch(scan_backward_split_kernel<IO, CH, RESET>, p, SPL_S * CH * 16, smem, d, err,
-                      "scan_backward_split_kernel launch");
+  const size_t smem = lps_backward_smem(CH, sizeof(typename IO::T), split_segments(p, CH));
+  if constexpr (CH == 4) {
+    if (p.split == 8)
+      return lps_launch(scan_backward_split_kernel<IO, CH, RESET, 8>, p, 8 * CH * 16, smem, d, err,
+                        "scan_backward_split_kernel launch");
+  }
+  if constexpr (CH <= 8) {
+    if (p.split)
+      return lps_launch(scan_backward_split_kernel<IO, CH, RESET, 4>, p, 4 * CH * 16, smem, d, err,
+                        "scan_backward_split_kernel launch");
+  }
   return lps_launch(scan_backward_lps_kernel<IO, CH, RESET>, p, CH * 16, smem, d, err,
                     "scan_backward_lps_kernel launch");
 }
