@@ -37,6 +37,93 @@
 #define LPS_PAD 17 /* per-(t, d) rows of 16 state terms, padded: no bank conflicts */
 #define LPS_NSTAGE 4 /* chunks in flight: a whole 60-step window is requested at once */
 
+/* cp.async copies (the caller commits) of the chunk rows [t0, t0 + tc) of
+ * what a kernel reads, packed in st one after the other: u, delta, dout
+ * (BWD), z (when with_z; its slot is kept either way) as (TC, CH) blocks,
+ * then B and C (when with_c) as (TC, 16). */
+template <class IO, int CH, int TC, bool BWD>
+static __device__ __forceinline__ void lps_stage(typename IO::T *st, const scan_params &p, int b, int g, int d0,
+                                                 int t0, int tc, bool with_z, bool with_c) {
+  typedef typename IO::T T;
+  constexpr int N = 16, NX = BWD ? 4 : 3;
+  const int64_t row = ((int64_t)b * p.L + t0) * p.D + d0, rs = (int64_t)p.D * sizeof(T);
+  const int64_t brow = (((int64_t)b * p.L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
+  stage_rows<CH * sizeof(T)>(st, (const T *)p.u + row, rs, tc);
+  stage_rows<CH * sizeof(T)>(st + TC * CH, (const T *)p.delta + row, rs, tc);
+  if (BWD) stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, (const T *)p.dout + row, rs, tc);
+  if (with_z) stage_rows<CH * sizeof(T)>(st + (NX - 1) * TC * CH, (const T *)p.z + row, rs, tc);
+  stage_rows<N * sizeof(T)>(st + NX * TC * CH, (const T *)p.Bm + brow, bs, tc);
+  if (with_c) stage_rows<N * sizeof(T)>(st + NX * TC * CH + TC * N, (const T *)p.Cm + brow, bs, tc);
+}
+
+/* The forward's outputs of a chunk, one thread per (t, d) (NT threads, a
+ * multiple of CH): the 16 lanes' C·h from y_s added in a fixed order, plus
+ * D·u, gated with silu(z) when z_r is given. */
+template <class IO, int CH, int NT>
+static __device__ __forceinline__ void lps_forward_out(const scan_params &p, const float *y_s,
+                                                       const typename IO::T *u_r, const typename IO::T *z_r,
+                                                       int b, int t0, int tc, int d0, float my_D) {
+  for (int i = threadIdx.x; i < tc * CH; i += NT) {
+    const float *r = y_s + i * LPS_PAD;
+    float sm[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) sm[q] = (r[4 * q] + r[4 * q + 1]) + (r[4 * q + 2] + r[4 * q + 3]);
+    float y = fmaf(my_D, IO::load(u_r[i]), (sm[0] + sm[1]) + (sm[2] + sm[3]));
+    if (z_r) {
+      const float zz = IO::load(z_r[i]);
+      y *= zz * sigmoid_fast(zz);
+    }
+    ((typename IO::T *)p.out)[((int64_t)b * p.L + t0 + i / CH) * p.D + d0 + i % CH] = IO::store(y);
+  }
+}
+
+/* The backward's sums of a chunk. Per (t, d), one thread (NT threads, a
+ * multiple of CH, so a thread keeps its channel): the 16 lanes' terms in
+ * sa_s, sb_s (and yp_s with z) give du, dδ and dz, stored, and add to the
+ * thread's dD and dbias sums. Per (t, n): dB and dC over the block's CH / 2
+ * warp pairs in bc_s, in order, into the partials of block blk. */
+template <class IO, int CH, int NT>
+static __device__ __forceinline__ void lps_backward_sums(
+    const scan_params &p, const float *sa_s, const float *sb_s, const float *yp_s, const float *bc_s,
+    const float *dt_s, const float *dy_s, const float *fac_s, const typename IO::T *u_r,
+    const typename IO::T *go_r, const typename IO::T *z_r, int b, int t0, int tc, int d0, int blk, float my_D,
+    float &dD_acc, float &ddb_acc) {
+  constexpr int N = 16, NW = CH / 2;
+  for (int i = threadIdx.x; i < tc * CH; i += NT) {
+    const float *ra = sa_s + i * LPS_PAD, *rb = sb_s + i * LPS_PAD;
+    float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 16; q++) {
+      sa += ra[q];
+      sb += rb[q];
+    }
+    const float uu = IO::load(u_r[i]), gy = dy_s[i];
+    const float ddl = fmaf(LN2, sa, uu * sb) * fac_s[i];
+    float yp = 0.0f, go = 0.0f, zz = 0.0f;
+    if (z_r) {
+      const float *ry = yp_s + i * LPS_PAD;
+#pragma unroll
+      for (int q = 0; q < 16; q++) yp += ry[q];
+      yp = fmaf(my_D, uu, yp);
+      go = IO::load(go_r[i]);
+      zz = IO::load(z_r[i]);
+    }
+    store_grads_td<IO, true>(p, ((int64_t)b * p.L + t0 + i / CH) * p.D + d0 + i % CH,
+                             fmaf(my_D, gy, dt_s[i] * sb), ddl, yp, go, zz);
+    dD_acc = fmaf(gy, uu, dD_acc);
+    ddb_acc += ddl;
+  }
+  const int nblk = p.D / CH;
+  for (int i = threadIdx.x; i < tc * 32; i += NT) {
+    const int t = i >> 5, slot = i & 31;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) sum += bc_s[(t * NW + w) * 32 + slot];
+    float *dst = slot < N ? p.dB_part : p.dC_part;
+    if (dst) dst[(((int64_t)b * nblk + blk) * p.L + t0 + t) * N + (slot & 15)] = sum;
+  }
+}
+
 /* ---- forward --------------------------------------------------------------
  * shared: LPS_NSTAGE stages of u, delta, z (TC, CH) and B, C (TC, 16) raw; dt_s, du_s
  * (TC, CH) floats (Δ and Δ·u); y_s (TC, CH, LPS_PAD) (C·h of each lane);
@@ -56,8 +143,7 @@ __global__ void __launch_bounds__(CH * 16) scan_forward_lps_kernel(scan_params p
   const int g = d0 / (D / p.G);
   const int c = threadIdx.x >> 4, n = threadIdx.x & 15, d = d0 + c;
   const bool full = p.out != NULL;
-  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = full ? (const T *)p.z : NULL;
-  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm;
+  const T *z = full ? (const T *)p.z : NULL;
   const int nchunks = (L + TC - 1) / TC, nsub = (L + B16_SUB - 1) / B16_SUB;
   /* the (t, d) loops stride by NT, a multiple of CH: a thread always sees
    * channel d0 + threadIdx.x % CH there */
@@ -66,17 +152,9 @@ __global__ void __launch_bounds__(CH * 16) scan_forward_lps_kernel(scan_params p
   const float my_D = p.Dskip ? p.Dskip[d0 + pc] : 0.0f;
 
   auto issue = [&](int k) {
-    if (k < nchunks) {
-      const int t0 = k * TC, tc = min(TC, L - t0);
-      T *st = (T *)lsm + (k % LPS_NSTAGE) * stage_elems;
-      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
-      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
-      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
-      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
-      if (z) stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, z + row, rs, tc);
-      stage_rows<N * sizeof(T)>(st + 3 * TC * CH, Bm + brow, bs, tc);
-      if (full) stage_rows<N * sizeof(T)>(st + 3 * TC * CH + TC * N, Cm + brow, bs, tc);
-    }
+    if (k < nchunks)
+      lps_stage<IO, CH, TC, false>((T *)lsm + (k % LPS_NSTAGE) * stage_elems, p, b, g, d0, k * TC, min(TC, L - k * TC),
+                                   z != NULL, full);
     __pipeline_commit();
   };
 
@@ -116,22 +194,7 @@ __global__ void __launch_bounds__(CH * 16) scan_forward_lps_kernel(scan_params p
     }
     __syncthreads();
 
-    if (full) {
-      for (int i = threadIdx.x; i < tc * CH; i += NT) {
-        const float *r = y_s + i * LPS_PAD;
-        float s[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) s[q] = (r[4 * q] + r[4 * q + 1]) + (r[4 * q + 2] + r[4 * q + 3]);
-        float y = (s[0] + s[1]) + (s[2] + s[3]);
-        y = fmaf(my_D, IO::load(u_r[i]), y);
-        if (z) {
-          const float zz = IO::load(z_r[i]);
-          y *= zz * sigmoid_fast(zz);
-        }
-        const int t = i / CH;
-        ((T *)p.out)[((int64_t)b * L + t0 + t) * D + d0 + pc] = IO::store(y);
-      }
-    }
+    if (full) lps_forward_out<IO, CH, NT>(p, y_s, u_r, z ? z_r : NULL, b, t0, tc, d0, my_D);
     __syncthreads(); /* stage k's slot and the shared terms are free again */
     issue(k + LPS_NSTAGE);
   }
@@ -166,12 +229,11 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
   float *rs_s = bc_s + TC * NW * 32;
   float *acc_s = rs_s + TC;
 
-  const int D = p.D, L = p.L, b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH, nblk = D / CH;
+  const int D = p.D, L = p.L, b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH;
   const int g = d0 / (D / p.G);
   const int c = threadIdx.x >> 4, n = threadIdx.x & 15, d = d0 + c;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
-  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *dout = (const T *)p.dout;
+  const T *z = (const T *)p.z;
   const int nchunks = (L + TC - 1) / TC, nsub = (L + SUB - 1) / SUB;
   const float *ck = p.ck + ((int64_t)b * nsub * D + d) * N + n;
   const int pc = threadIdx.x % CH; /* the channel of the (t, d) loops */
@@ -179,18 +241,9 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
   const float my_D = p.Dskip ? p.Dskip[d0 + pc] : 0.0f;
 
   auto issue = [&](int k, int m) {
-    if (k >= 0) {
-      const int t0 = k * TC, tc = min(TC, L - t0);
-      T *st = (T *)lsm + (m % LPS_NSTAGE) * stage_elems;
-      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
-      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
-      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
-      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
-      stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, dout + row, rs, tc);
-      if (z) stage_rows<CH * sizeof(T)>(st + 3 * TC * CH, z + row, rs, tc);
-      stage_rows<N * sizeof(T)>(st + 4 * TC * CH, Bm + brow, bs, tc);
-      stage_rows<N * sizeof(T)>(st + 4 * TC * CH + TC * N, Cm + brow, bs, tc);
-    }
+    if (k >= 0)
+      lps_stage<IO, CH, TC, true>((T *)lsm + (m % LPS_NSTAGE) * stage_elems, p, b, g, d0, k * TC, min(TC, L - k * TC),
+                                  z != NULL, true);
     __pipeline_commit();
   };
 
@@ -269,41 +322,8 @@ __global__ void __launch_bounds__(CH * 16) scan_backward_lps_kernel(scan_params 
     }
     __syncthreads();
 
-    /* per (t, d): sums over the 16 states, then du, dδ, dz */
-    for (int i = threadIdx.x; i < tc * CH; i += NT) {
-      const float *ra = sa_s + i * LPS_PAD, *rb = sb_s + i * LPS_PAD;
-      float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 16; q++) {
-        sa += ra[q];
-        sb += rb[q];
-      }
-      const float uu = IO::load(u_r[i]), gy = dy_s[i];
-      const float ddl = fmaf(LN2, sa, uu * sb) * fac_s[i];
-      float yp = 0.0f, go = 0.0f, zz = 0.0f;
-      if (z) {
-        const float *ry = yp_s + i * LPS_PAD;
-#pragma unroll
-        for (int q = 0; q < 16; q++) yp += ry[q];
-        yp = fmaf(my_D, uu, yp);
-        go = IO::load(go_r[i]);
-        zz = IO::load(z_r[i]);
-      }
-      const int t = i / CH;
-      store_grads_td<IO, true>(p, ((int64_t)b * L + t0 + t) * D + d0 + pc, fmaf(my_D, gy, dt_s[i] * sb),
-                               ddl, yp, go, zz);
-      dD_acc = fmaf(gy, uu, dD_acc);
-      ddb_acc += ddl;
-    }
-    /* per (t, n): dB and dC over the block's channels (warp pairs in order) */
-    for (int i = threadIdx.x; i < tc * 32; i += NT) {
-      const int t = i >> 5, slot = i & 31;
-      float s = 0.0f;
-#pragma unroll
-      for (int w = 0; w < NW; w++) s += bc_s[(t * NW + w) * 32 + slot];
-      float *dst = slot < N ? p.dB_part : p.dC_part;
-      if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (slot & 15)] = s;
-    }
+    lps_backward_sums<IO, CH, NT>(p, sa_s, sb_s, yp_s, bc_s, dt_s, dy_s, fac_s, u_r, go_r, z ? z_r : NULL, b, t0,
+                                  tc, d0, blk, my_D, dD_acc, ddb_acc);
     __syncthreads();
     issue(k - LPS_NSTAGE, m);
   }
@@ -361,25 +381,16 @@ __global__ void __launch_bounds__(S * CH * 16) scan_forward_split_kernel(scan_pa
   const int g = d0 / (D / p.G);
   const int s = threadIdx.x / NL, l = threadIdx.x % NL, c = l >> 4, n = l & 15, d = d0 + c;
   const bool full = p.out != NULL;
-  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = full ? (const T *)p.z : NULL;
-  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm;
+  const T *z = full ? (const T *)p.z : NULL;
   const int nchunks = (L + TC - 1) / TC, nsub = (L + B16_SUB - 1) / B16_SUB;
   const int pc = threadIdx.x % CH;
   const float my_bias = p.dbias ? p.dbias[d0 + pc] : 0.0f;
   const float my_D = p.Dskip ? p.Dskip[d0 + pc] : 0.0f;
 
   auto issue = [&](int k) {
-    if (k < nchunks) {
-      const int t0 = k * TC, tc = min(TC, L - t0);
-      T *st = (T *)lsm + (k & 1) * stage_elems;
-      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
-      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
-      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
-      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
-      if (z) stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, z + row, rs, tc);
-      stage_rows<N * sizeof(T)>(st + 3 * TC * CH, Bm + brow, bs, tc);
-      if (full) stage_rows<N * sizeof(T)>(st + 3 * TC * CH + TC * N, Cm + brow, bs, tc);
-    }
+    if (k < nchunks)
+      lps_stage<IO, CH, TC, false>((T *)lsm + (k & 1) * stage_elems, p, b, g, d0, k * TC, min(TC, L - k * TC),
+                                   z != NULL, full);
     __pipeline_commit();
   };
 
@@ -444,21 +455,7 @@ __global__ void __launch_bounds__(S * CH * 16) scan_forward_split_kernel(scan_pa
     }
     __syncthreads();
 
-    if (full) {
-      for (int i = threadIdx.x; i < tc * CH; i += NT) {
-        const float *r = y_s + i * LPS_PAD;
-        float sm[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) sm[q] = (r[4 * q] + r[4 * q + 1]) + (r[4 * q + 2] + r[4 * q + 3]);
-        float y = (sm[0] + sm[1]) + (sm[2] + sm[3]);
-        y = fmaf(my_D, IO::load(u_r[i]), y);
-        if (z) {
-          const float zz = IO::load(z_r[i]);
-          y *= zz * sigmoid_fast(zz);
-        }
-        ((T *)p.out)[((int64_t)b * L + t0 + i / CH) * D + d0 + pc] = IO::store(y);
-      }
-    }
+    if (full) lps_forward_out<IO, CH, NT>(p, y_s, u_r, z ? z_r : NULL, b, t0, tc, d0, my_D);
     if (k + 2 < nchunks) __syncthreads(); /* the slot is refilled */
     issue(k + 2);
   }
@@ -487,12 +484,11 @@ __global__ void __launch_bounds__(S * CH * 16) scan_backward_split_kernel(scan_p
   float *fold_s = rs_s + TC;
   float *acc_s = fold_s + 2 * S * NL;
 
-  const int D = p.D, L = p.L, b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH, nblk = D / CH;
+  const int D = p.D, L = p.L, b = blockIdx.y, blk = blockIdx.x, d0 = blk * CH;
   const int g = d0 / (D / p.G);
   const int s = threadIdx.x / NL, l = threadIdx.x % NL, c = l >> 4, n = l & 15, d = d0 + c;
   const int lane = threadIdx.x & 31, wl = l >> 5;
-  const T *u = (const T *)p.u, *delta = (const T *)p.delta, *z = (const T *)p.z;
-  const T *Bm = (const T *)p.Bm, *Cm = (const T *)p.Cm, *dout = (const T *)p.dout;
+  const T *z = (const T *)p.z;
   const int nchunks = (L + TC - 1) / TC, nsub = (L + SUB - 1) / SUB;
   const float *ck = p.ck + ((int64_t)b * nsub * D + d) * N + n;
   const int pc = threadIdx.x % CH;
@@ -500,18 +496,9 @@ __global__ void __launch_bounds__(S * CH * 16) scan_backward_split_kernel(scan_p
   const float my_D = p.Dskip ? p.Dskip[d0 + pc] : 0.0f;
 
   auto issue = [&](int k, int m) {
-    if (k >= 0) {
-      const int t0 = k * TC, tc = min(TC, L - t0);
-      T *st = (T *)lsm + (m & 1) * stage_elems;
-      const int64_t row = ((int64_t)b * L + t0) * D + d0, rs = (int64_t)D * sizeof(T);
-      const int64_t brow = (((int64_t)b * L + t0) * p.G + g) * N, bs = (int64_t)p.G * N * sizeof(T);
-      stage_rows<CH * sizeof(T)>(st, u + row, rs, tc);
-      stage_rows<CH * sizeof(T)>(st + TC * CH, delta + row, rs, tc);
-      stage_rows<CH * sizeof(T)>(st + 2 * TC * CH, dout + row, rs, tc);
-      if (z) stage_rows<CH * sizeof(T)>(st + 3 * TC * CH, z + row, rs, tc);
-      stage_rows<N * sizeof(T)>(st + 4 * TC * CH, Bm + brow, bs, tc);
-      stage_rows<N * sizeof(T)>(st + 4 * TC * CH + TC * N, Cm + brow, bs, tc);
-    }
+    if (k >= 0)
+      lps_stage<IO, CH, TC, true>((T *)lsm + (m & 1) * stage_elems, p, b, g, d0, k * TC, min(TC, L - k * TC),
+                                  z != NULL, true);
     __pipeline_commit();
   };
 
@@ -602,38 +589,8 @@ __global__ void __launch_bounds__(S * CH * 16) scan_backward_split_kernel(scan_p
     }
     __syncthreads();
 
-    for (int i = threadIdx.x; i < tc * CH; i += NT) {
-      const float *ra = sa_s + i * LPS_PAD, *rb = sb_s + i * LPS_PAD;
-      float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-      for (int qq = 0; qq < 16; qq++) {
-        sa += ra[qq];
-        sb += rb[qq];
-      }
-      const float uu = IO::load(u_r[i]), gy = dy_s[i];
-      const float ddl = fmaf(LN2, sa, uu * sb) * fac_s[i];
-      float yp = 0.0f, go = 0.0f, zz = 0.0f;
-      if (z) {
-        const float *ry = yp_s + i * LPS_PAD;
-#pragma unroll
-        for (int qq = 0; qq < 16; qq++) yp += ry[qq];
-        yp = fmaf(my_D, uu, yp);
-        go = IO::load(go_r[i]);
-        zz = IO::load(z_r[i]);
-      }
-      store_grads_td<IO, true>(p, ((int64_t)b * L + t0 + i / CH) * D + d0 + pc, fmaf(my_D, gy, dt_s[i] * sb),
-                               ddl, yp, go, zz);
-      dD_acc = fmaf(gy, uu, dD_acc);
-      ddb_acc += ddl;
-    }
-    for (int i = threadIdx.x; i < tc * 32; i += NT) {
-      const int t = i >> 5, slot = i & 31;
-      float sum = 0.0f;
-#pragma unroll
-      for (int w = 0; w < NW; w++) sum += bc_s[(t * NW + w) * 32 + slot];
-      float *dst = slot < N ? p.dB_part : p.dC_part;
-      if (dst) dst[(((int64_t)b * nblk + blk) * L + t0 + t) * N + (slot & 15)] = sum;
-    }
+    lps_backward_sums<IO, CH, NT>(p, sa_s, sb_s, yp_s, bc_s, dt_s, dy_s, fac_s, u_r, go_r, z ? z_r : NULL, b, t0,
+                                  tc, d0, blk, my_D, dD_acc, ddb_acc);
     if (k >= 2) __syncthreads(); /* the slot is refilled */
     issue(k - 2, m);
   }
