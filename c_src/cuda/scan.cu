@@ -1092,7 +1092,7 @@ int mx_cuda_scan_forward(int dev, const mx_scan_args *a, void *out, void *h_last
   if (rc != MX_OK) return rc;
   if (forward16_ok(a)) {
     p.ck = (float *)a->ckpt;
-    const int kind = scan_lps_wanted(p);
+    const int kind = scan_lps_wanted(p, a->io, d);
     if (kind) {
       p.split = kind == 2 ? scan_lps_split(p) : 0;
       p.CH = scan_lps_channels(p, a->io, 0, d->sm_count);
@@ -1233,7 +1233,7 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
   size_t TC = BWD_TC, smem;
   p.TC = BWD_TC;
   int nsub = 0, lps = 0;
-  const int fast = forward16_ok(a) && aligned16_ptr(d_out), kind = fast ? scan_lps_wanted(p) : 0;
+  const int fast = forward16_ok(a) && aligned16_ptr(d_out), kind = fast ? scan_lps_wanted(p, a->io, d) : 0;
   if (kind) { /* lane per state */
     npt = 16;
     lps = 1;

@@ -159,7 +159,7 @@ static __device__ __forceinline__ float ex2_ftz(float x) {
  * B16_SUB-th step); the backward needs it (p.ck_given, or made here by a
  * checkpoint-only forward into p.ck) and writes the same partials as the
  * fast backward, with p.CH channels a block. */
-MX_CUDA_HIDDEN int scan_lps_wanted(const scan_params &p);
+MX_CUDA_HIDDEN int scan_lps_wanted(const scan_params &p, int io, const mx_cuda_dev *d);
 /* the segments a chunk (p.split) when the time-split kernels are wanted */
 MX_CUDA_HIDDEN int scan_lps_split(const scan_params &p);
 MX_CUDA_HIDDEN int scan_lps_channels(const scan_params &p, int io, int backward, int sm_count);

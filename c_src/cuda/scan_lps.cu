@@ -656,13 +656,39 @@ static size_t lps_backward_smem(int CH, size_t es, int split) {
  * 1, 6.8 / 29.8 at batch 2: 8 up to B * D = 512. */
 #define SPLIT_MAX_BD 2048
 #define SPLIT8_MAX_BD 512
-int scan_lps_wanted(const scan_params &p) {
+
+static size_t lps_backward_smem(int CH, size_t es, int split);
+
+/* The device's shared memory a block may opt into (cached; every thread
+ * that fills a slot writes the same value). */
+static int g_smem_optin[MX_MAX_CUDA_DEVICES];
+static int smem_optin(const mx_cuda_dev *d) {
+  int v = __atomic_load_n(&g_smem_optin[d->index], __ATOMIC_RELAXED);
+  if (v == 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->index) != cudaSuccess) v = 48 * 1024;
+    __atomic_store_n(&g_smem_optin[d->index], v, __ATOMIC_RELAXED);
+  }
+  return v;
+}
+
+int scan_lps_wanted(const scan_params &p, int io, const mx_cuda_dev *d) {
   const char *o = getenv("MAMBEX_SCAN_KERNEL");
-  if (o && strcmp(o, "split") == 0) return 2;
-  if (o && strcmp(o, "lps") == 0) return 1;
-  if (o && strcmp(o, "lane4") == 0) return 0;
-  const int64_t bd = (int64_t)p.B * p.D;
-  return bd <= SPLIT_MAX_BD ? 2 : bd <= 4096 ? 1 : 0;
+  int kind;
+  if (o && strcmp(o, "split") == 0) kind = 2;
+  else if (o && strcmp(o, "lps") == 0) kind = 1;
+  else if (o && strcmp(o, "lane4") == 0) kind = 0;
+  else {
+    const int64_t bd = (int64_t)p.B * p.D;
+    kind = bd <= SPLIT_MAX_BD ? 2 : bd <= 4096 ? 1 : 0;
+  }
+  /* the time split's backward needs the most shared memory (170 KB for
+   * 16-bit io): where the device has less, a lane per state, for the
+   * forward too (so either direction sees the same checkpoints) */
+  if (kind == 2) {
+    const int ch = io == MX_F32 ? 4 : 8;
+    if (lps_backward_smem(ch, mx_dtype_size(io), ch == 4 ? scan_lps_split(p) : 4) > (size_t)smem_optin(d)) kind = 1;
+  }
+  return kind;
 }
 
 int scan_lps_split(const scan_params &p) { return (int64_t)p.B * p.D <= SPLIT8_MAX_BD ? 8 : 4; }
