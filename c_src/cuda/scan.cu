@@ -21,6 +21,12 @@
  *     the caller between forward and backward); the backward then skips its
  *     own forward pass. See the comments above each kernel.
  * Sums over states use warp shuffles within the lanes of a channel.
+ * The same N = 16 shapes at small B * D go to the lane-per-state kernels of
+ * scan_lps.cu (one state a lane; time-split in 64-step chunks for the
+ * smallest), chosen by scan_lps_wanted; they share this file's checkpoint
+ * layout, partial sums and reduction kernels, and the launchers below. At
+ * batch 1 the N = 16 backwards write dA, dD and dbias directly (nothing to
+ * add over the batch).
  *
  * Gradient convention (dL/dx written dx). With Δ_t = softplus(δ_t + bias)
  * (or δ_t + bias), a_t = exp(Δ_t A), y_t = Σ_n C_t h_t + D u_t and
@@ -38,7 +44,8 @@
  *
  * Determinism: no atomics. Sums over channels (dB, dC) and over the batch
  * (dA, dD, dbias) are written as per-block partials and reduced in a fixed
- * order by a second kernel, so results are bit-identical from run to run.
+ * order by a second kernel (one launch for dB and dC, one for each batch
+ * sum), so results are bit-identical from run to run.
  *
  * Memory and lifetimes: the backward recomputes the states piece by piece
  * from checkpoints (the state at every piece start), either given by the
