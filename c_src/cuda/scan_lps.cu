@@ -9,18 +9,21 @@
  * 128), so its latency-bound recurrence is spread over the whole GPU.
  *
  * Time runs in chunks of LPS_TC steps streamed through a LPS_NSTAGE-stage
- * cp.async ring, as many chunks ahead. Per chunk: Δ (bias, softplus), Δ·u and the other
- * per-(t, d) terms are made once per (t, d) into shared memory; the lanes run
- * the steps and leave their per-state terms in shared memory; then one
- * thread per (t, d) adds the 16 states' terms (the output, du, dδ, dz) and
- * one thread per (t, n) adds the block's channels for dB and dC. Every sum
- * runs in a fixed order, so results are bit-identical from run to run.
+ * cp.async ring, as many chunks ahead. Per chunk: Δ (bias, softplus), Δ·u
+ * and the other per-(t, d) terms are made once per (t, d) into shared
+ * memory; the lanes run the steps and leave their per-state terms in shared
+ * memory; then one thread per (t, d) adds the 16 states' terms (the output,
+ * du, dδ, dz) and one thread per (t, n) adds the block's channels for dB and
+ * dC. Every sum runs in a fixed order, so results are bit-identical from run
+ * to run. The time-split variants (further down) also cut each 64-step chunk
+ * into segments that run side by side.
  *
  * Checkpoints: the state entering every B16_SUB-th step, (B, nsub, D, N),
- * the layout of scan.cu's fast forward, and the same bits (the same
- * per-state arithmetic), so a context saved by either forward serves either
- * backward. The backward writes scan.cu's partials: dA (B, D, N), dD and
- * dbias (B, D), dB and dC (B, D / CH, L, N), reduced by scan.cu's kernels.
+ * the layout of scan.cu's fast forward, and (but for the time-split forward,
+ * which differs by rounding) the same bits, from the same per-state
+ * arithmetic; any backward takes any forward's checkpoints. The backwards
+ * write scan.cu's partials: dA (B, D, N), dD and dbias (B, D), dB and dC
+ * (B, D / CH, L, N), reduced by scan.cu's kernels.
  *
  * No allocation, no synchronisation: the caller (scan.cu's launchers) owns
  * the scratch and holds the device's enqueue mutex while these enqueue.
