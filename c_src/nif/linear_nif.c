@@ -5,13 +5,15 @@
  *   linear_forward(x, w, bias | nil, precision) -> y
  *       x (..., K), w (K, N), bias (N); y (..., N) = x w + bias
  *   linear_backward(x, w, dy, bias :: boolean, input_grad :: boolean, precision,
- *                   into_w | nil, into_bias | nil)
+ *                   into_w | nil, into_bias | nil, into_x | nil)
  *       -> %{w: dw, [x: dx], [bias: db]}
  *       dy (..., N); dx = dy w^T (x's shape, when input_grad), dw = x^T dy
  *       with x flattened to (rows, K), db = column sums of dy (when bias).
  *       With into_w (and into_bias when bias), dw and db are ADDED to those
  *       tensors in place (gemm beta = 1, sum_rows accumulate = 1) and the
- *       map holds them.
+ *       map holds them; with into_x (x's shape, input_grad true), likewise
+ *       dx, independently of into_w (e.g. two branches' input gradients
+ *       summed without an add).
  *   matmul(a, b, transpose_a, transpose_b, alpha, beta, into | nil, precision) -> c
  *       c (m, n) = alpha op(a) op(b) [+ beta into, written into `into`]
  *       a, b rank 2; op(a) = a^T when transpose_a (likewise b).
@@ -213,11 +215,11 @@ ERL_NIF_TERM nif_linear_forward(ErlNifEnv *env, int argc, const ERL_NIF_TERM arg
 
 /* ---- backward ------------------------------------------------------------ */
 
-enum { B_X, B_W, B_DY, B_INTO_W, B_INTO_BIAS };
+enum { B_X, B_W, B_DY, B_INTO_W, B_INTO_BIAS, B_INTO_X };
 
 #define OP "linear_backward"
 ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-  static const char *const names[] = {"x", "w", "dy", "into w", "into bias"};
+  static const char *const names[] = {"x", "w", "dy", "into w", "into bias", "into x"};
   const char *op = OP;
   lin_call call, *c = &call;
   memset(c, 0, sizeof *c);
@@ -229,6 +231,7 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   if ((raised = lin_get(env, op, c, B_INTO_W, argv[6], "into w", 1, &ok)), !ok) return raised;
   if ((raised = lin_get(env, op, c, B_INTO_BIAS, argv[7], "into bias", 1, &ok)), !ok)
     return raised;
+  if ((raised = lin_get(env, op, c, B_INTO_X, argv[8], "into x", 1, &ok)), !ok) return raised;
   int *okp = &ok;
 #define BW_FAIL(...)                         \
   do {                                       \
@@ -242,10 +245,10 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     BW_FAIL("input_grad must be true or false, got: %.200T", argv[4]);
   if (!get_precision(env, argv[5], &prec))
     BW_FAIL("precision must be :fp32 or :tf32, got: %.200T", argv[5]);
-  if ((raised = lin_check_common(env, op, c, names, 5, &ok)), !ok) return raised;
+  if ((raised = lin_check_common(env, op, c, names, 6, &ok)), !ok) return raised;
   if ((raised = lin_check_xw(env, op, c, &ok)), !ok) return raised;
   const mx_tensor *x = c->t[B_X], *w = c->t[B_W], *dy = c->t[B_DY];
-  const mx_tensor *iw = c->t[B_INTO_W], *ib = c->t[B_INTO_BIAS];
+  const mx_tensor *iw = c->t[B_INTO_W], *ib = c->t[B_INTO_BIAS], *ix = c->t[B_INTO_X];
   const int64_t K = w->shape[0], N = w->shape[1], rows = leading_rows(x);
   int dy_ok = dy->rank == x->rank && dy->shape[dy->rank - 1] == N;
   for (int i = 0; dy_ok && i + 1 < x->rank; i++) dy_ok = dy->shape[i] == x->shape[i];
@@ -272,14 +275,23 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     if ((raised = lin_check_alias(env, op, c, names, B_INTO_BIAS, B_INTO_BIAS + 1, &ok)), !ok)
       return raised;
   }
+  if (ix) {
+    if (!want_dx) BW_FAIL("into x is given but input_grad is false (no input gradient)");
+    int same = ix->rank == x->rank;
+    for (int i = 0; same && i < x->rank; i++) same = ix->shape[i] == x->shape[i];
+    if (!same)
+      BW_FAIL("into x must have the shape of x, %T, got: %T", shape_term(env, x->shape, x->rank),
+              shape_term(env, ix->shape, ix->rank));
+    if ((raised = lin_check_alias(env, op, c, names, B_INTO_X, B_INTO_X + 1, &ok)), !ok) return raised;
+  }
 #undef BW_FAIL
   const mx_backend *be = mx_backend_for(x->slot);
   MAYBE_RESCHEDULE(nif_linear_backward, x->slot, lin_work(rows, N, K, want_dx ? 2.0 : 1.0),
-                   c->s[0], c->s[1], c->s[2], c->s[3], c->s[4]);
+                   c->s[0], c->s[1], c->s[2], c->s[3], c->s[4], c->s[5]);
   const int slot = x->slot, dt = x->dtype;
   mx_tensor *dx = NULL, *dw = NULL, *db = NULL;
   ok = 1;
-  if (want_dx) dx = output_new(env, op, slot, dt, x->shape, x->rank, &raised, &ok);
+  if (want_dx && !ix) dx = output_new(env, op, slot, dt, x->shape, x->rank, &raised, &ok);
   if (ok && !iw) dw = output_new(env, op, slot, dt, w->shape, 2, &raised, &ok);
   if (ok && want_bias && !ib) db = output_new(env, op, slot, dt, &N, 1, &raised, &ok);
   if (!ok) {
@@ -292,13 +304,13 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   const int dev = mx_backend_dev(slot);
   mx_err err = {0, {0}};
   int rc = MX_OK;
-  if (dx) { /* dx (rows, K) = dy (rows, N) w^T, w (K, N) */
+  if (want_dx) { /* dx (rows, K) [+]= dy (rows, N) w^T, w (K, N) */
     mx_gemm_args g = {.dtype = dt, .precision = prec, .trans_a = 0, .trans_b = 1,
                       .m = rows, .n = K, .k = N,
                       .a = lin_ptr(c, B_DY), .lda = N,
                       .b = lin_ptr(c, B_W), .ldb = N,
-                      .c = out_ptr(dx), .ldc = K,
-                      .alpha = 1.0, .beta = 0.0, .bias = NULL};
+                      .c = ix ? lin_ptr(c, B_INTO_X) : out_ptr(dx), .ldc = K,
+                      .alpha = 1.0, .beta = ix ? 1.0 : 0.0, .bias = NULL};
     rc = be->gemm(dev, &g, &err);
   }
   if (rc == MX_OK) { /* dw (K, N) [+]= x^T (K, rows) dy (rows, N) */
@@ -324,9 +336,9 @@ ERL_NIF_TERM nif_linear_backward(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   unsigned n = 0;
   keys[n] = enif_make_atom(env, "w");
   vals[n++] = iw ? argv[6] : tensor_term(env, dw);
-  if (dx) {
+  if (want_dx) {
     keys[n] = enif_make_atom(env, "x");
-    vals[n++] = tensor_term(env, dx);
+    vals[n++] = ix ? argv[8] : tensor_term(env, dx);
   }
   if (want_bias) {
     keys[n] = enif_make_atom(env, "bias");

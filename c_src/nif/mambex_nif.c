@@ -1236,7 +1236,7 @@ static ErlNifFunc nif_funcs[] = {
     {"cross_entropy", 7, nif_cross_entropy, 0},
     {"mse", 5, nif_mse, 0},
     {"linear_forward", 4, nif_linear_forward, 0},
-    {"linear_backward", 8, nif_linear_backward, 0},
+    {"linear_backward", 9, nif_linear_backward, 0},
     {"matmul", 8, nif_matmul, 0},
 };
 

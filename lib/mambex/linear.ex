@@ -109,10 +109,13 @@ defmodule Mambex.Linear do
     * `:precision` — `:fp32` (default) or `:tf32`
     * `:into` — `%{w: tensor}`, plus `bias: tensor` when `bias: true`: the
       weight and bias gradients are added to these tensors in place (they
-      must not share memory with `x`, `w` or `dy`)
+      must not share memory with `x`, `w`, `dy` or each other). Also, or
+      alone, `x: tensor` of `x`'s shape (with `input_grad`): `dx` is added to
+      it in place, e.g. to sum the input gradients of two branches without
+      an extra add.
 
   Returns `%{w: dw}` plus `x: dx` (when `input_grad`) and `bias: db` (when
-  `bias`); with `:into`, `:w` and `:bias` are the `into` tensors.
+  `bias`); with `:into`, `:w`, `:bias` and `:x` are the `into` tensors.
   """
   @spec backward(Tensor.t(), Tensor.t(), Tensor.t(), keyword()) :: gradients()
   def backward(x, w, dy, opts \\ []) do
@@ -123,7 +126,7 @@ defmodule Mambex.Linear do
         "linear_backward"
       )
 
-    {into_w, into_bias} = into!(opts[:into], opts[:bias])
+    {into_w, into_bias, into_x} = into!(opts[:into], opts[:bias], opts[:input_grad])
 
     Mambex.retry_oom(fn ->
       NIF.linear_backward(
@@ -134,7 +137,8 @@ defmodule Mambex.Linear do
         opts[:input_grad],
         opts[:precision],
         into_w,
-        into_bias
+        into_bias,
+        into_x
       )
     end)
   end
@@ -184,10 +188,13 @@ defmodule Mambex.Linear do
     end)
   end
 
-  defp into!(nil, _bias), do: {nil, nil}
+  defp into!(nil, _bias, _input_grad), do: {nil, nil, nil}
 
-  defp into!(into, bias) when is_map(into) do
-    allowed = if bias == true, do: [:w, :bias], else: [:w]
+  # :w and :bias come together (every parameter gradient, or none); :x alone
+  # or with them
+  defp into!(into, bias, input_grad) when is_map(into) do
+    params = if bias == true, do: [:w, :bias], else: [:w]
+    allowed = if input_grad == true, do: params ++ [:x], else: params
 
     case Map.keys(into) -- allowed do
       [] ->
@@ -199,18 +206,27 @@ defmodule Mambex.Linear do
                 "not produce (it produces #{inspect(allowed)})"
     end
 
-    for key <- allowed, not Map.has_key?(into, key) do
-      raise ArgumentError,
-            "linear_backward: into must hold a tensor for every parameter gradient, " <>
-              "#{inspect(allowed)}; #{inspect(key)} is missing"
+    if Enum.any?(params, &Map.has_key?(into, &1)) do
+      for key <- params, not Map.has_key?(into, key) do
+        raise ArgumentError,
+              "linear_backward: into must hold a tensor for every parameter gradient, " <>
+                "#{inspect(params)}; #{inspect(key)} is missing"
+      end
     end
 
-    {into.w, into[:bias]}
+    if map_size(into) == 0,
+      do:
+        raise(
+          ArgumentError,
+          "linear_backward: into is empty (give it :w, :bias or :x, or leave it out)"
+        )
+
+    {into[:w], into[:bias], into[:x]}
   end
 
-  defp into!(other, _bias) do
+  defp into!(other, _bias, _input_grad) do
     raise ArgumentError,
-          "linear_backward: into must be a map %{w: tensor, bias: tensor}, " <>
+          "linear_backward: into must be a map %{w: tensor, bias: tensor, x: tensor}, " <>
             "got: #{inspect(other, limit: 5)}"
   end
 

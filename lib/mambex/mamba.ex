@@ -137,8 +137,7 @@ defmodule Mambex.Mamba do
       "a_log" =>
         host_tensor(for(_d <- 1..di, k <- 1..n, do: :math.log(k)), {di, n}, type, device),
       "d" => Tensor.fill({di}, 1.0, type: type, device: device),
-      "out_proj.weight" =>
-        uni.({di, dm}, 1 / :math.sqrt(di) / :math.sqrt(opts[:n_layers]), 7)
+      "out_proj.weight" => uni.({di, dm}, 1 / :math.sqrt(di) / :math.sqrt(opts[:n_layers]), 7)
     }
   end
 
@@ -214,13 +213,25 @@ defmodule Mambex.Mamba do
     reset = opts[:reset]
     {b, 1, _} = Tensor.shape(x)
 
-    conv_state = if reset, do: mask_rows(conv_state, keep_mask(reset, Tensor.type(conv_state))), else: conv_state
+    conv_state =
+      if reset,
+        do: mask_rows(conv_state, keep_mask(reset, Tensor.type(conv_state))),
+        else: conv_state
 
     conv = fn xi ->
-      Conv1d.forward(xi, p["conv.weight"], bias: p["conv.bias"], silu: true, initial_state: conv_state)
+      Conv1d.forward(xi, p["conv.weight"],
+        bias: p["conv.bias"],
+        silu: true,
+        initial_state: conv_state
+      )
     end
 
-    scan_opts = [initial_state: ssm_state, reset: reset && Tensor.reshape(reset, {b, 1}), checkpoints: false]
+    scan_opts = [
+      initial_state: ssm_state,
+      reset: reset && Tensor.reshape(reset, {b, 1}),
+      checkpoints: false
+    ]
+
     {out, ctx} = block(p, cfg, x, conv, scan_opts, opts[:precision])
     {out, ctx.final_state}
   end
@@ -347,28 +358,35 @@ defmodule Mambex.Mamba do
     prec = Keyword.get(opts, :precision, :fp32)
     into = Keyword.get(opts, :into)
 
-    lin = fn x, name, dy, input? ->
+    # dx_into: a fresh tensor of x's shape that dx is added to in place (the
+    # sum of two branches' input gradients without an add)
+    lin = fn x, name, dy, dx_into ->
+      w_into = if into, do: %{w: into[name]}, else: %{}
+      x_into = if dx_into, do: %{x: dx_into}, else: %{}
+      all_into = Map.merge(w_into, x_into)
+
       Linear.backward(x, p[name], dy,
         precision: prec,
-        input_grad: input?,
-        into: into && %{w: into[name]}
+        into: if(map_size(all_into) > 0, do: all_into, else: nil)
       )
     end
 
-    g_out = lin.(ctx.y, "out_proj.weight", d_out, true)
+    g_out = lin.(ctx.y, "out_proj.weight", d_out, nil)
     gs = Scan.backward(ctx.scan, g_out.x)
     # A = -exp(a_log): dA/da_log = A
     d_a_log = Ops.multiply(gs.a, ctx.a)
-    g_dt = lin.(ctx.dt, "dt_proj.weight", gs.delta, true)
+    g_dt = lin.(ctx.dt, "dt_proj.weight", gs.delta, nil)
     d_dbc = Tensor.concatenate([g_dt.x, gs.b, gs.c], -1)
-    g_x = lin.(ctx.xc, "x_proj.weight", d_dbc, true)
-    dxc = Ops.add(gs.u, g_x.x)
+    # dxc = du (the scan's) + x_proj's input gradient
+    g_x = lin.(ctx.xc, "x_proj.weight", d_dbc, gs.u)
+    dxc = g_x.x
 
     g_conv = conv_backward(ctx.conv, dxc, into)
 
-    g_ix = lin.(ctx.x, "in_proj_x.weight", g_conv.x, true)
-    g_iz = lin.(ctx.x, "in_proj_z.weight", gs.z, true)
-    dx = Ops.add(g_ix.x, g_iz.x)
+    g_ix = lin.(ctx.x, "in_proj_x.weight", g_conv.x, nil)
+    # dx = both in_proj branches' input gradients
+    g_iz = lin.(ctx.x, "in_proj_z.weight", gs.z, g_ix.x)
+    dx = g_iz.x
 
     grads = %{
       "in_proj_x.weight" => g_ix.w,
@@ -393,7 +411,12 @@ defmodule Mambex.Mamba do
 
   defp conv_backward(%Conv1d.Context{} = c, dxc, into) do
     g = Conv1d.backward(c, dxc)
-    %{g | weight: add_into(into, "conv.weight", g.weight), bias: add_into(into, "conv.bias", g.bias)}
+
+    %{
+      g
+      | weight: add_into(into, "conv.weight", g.weight),
+        bias: add_into(into, "conv.bias", g.bias)
+    }
   end
 
   # Pieces split at resets, last to first: the gradient of a piece's

@@ -85,7 +85,7 @@ defmodule Mambex.NIF do
   def mse(_pred, _target, _reduction, _scale, _grad), do: nif_error()
   def linear_forward(_x, _w, _bias, _precision), do: nif_error()
 
-  def linear_backward(_x, _w, _dy, _bias, _input_grad, _precision, _into_w, _into_bias),
+  def linear_backward(_x, _w, _dy, _bias, _input_grad, _precision, _into_w, _into_bias, _into_x),
     do: nif_error()
 
   def matmul(_a, _b, _transpose_a, _transpose_b, _alpha, _beta, _into, _precision),
