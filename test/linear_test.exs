@@ -555,8 +555,8 @@ defmodule Mambex.LinearTest do
       end
     end
 
-    # Shapes that take the wgmma TF32 kernel on an H200 (gemm_tf32.cu: k 64
-    # or 128, n a multiple of 128, at least 4 row tiles of 64 per block):
+    # Shapes that take the wgmma TF32 kernel on an H200 (gemm_tf32.cu: k 64,
+    # 128 or 256, n a multiple of 128, at least 4 row tiles of 64 per block):
     # a partial last tile (4099 rows), with and without bias. The full
     # product is checked against the same product at :fp32 (cuBLASLt), and
     # 256 sampled outputs against float64 dot products; reruns are
@@ -566,6 +566,7 @@ defmodule Mambex.LinearTest do
 
       for {m, k, n, bias?} <- [
             {4099, 128, 1024, true},
+            {4097, 256, 1024, true},
             {4160, 64, 1024, false},
             {8200, 128, 512, true}
           ] do

@@ -30,20 +30,28 @@
  * the kernel), never by a block-wide barrier. Per tile a consumer
  * warpgroup waits for the stage, runs one wgmma per 8 k (in order,
  * accumulating in fp32 registers), waits for them, releases the stage,
- * writes its 64 x 64 results into its own staging area (transposed back to
- * rows of C, 16-byte columns XOR-swizzled by row: no bank conflicts either
- * way) and stores them as 16-byte vectors (+ bias, * alpha), a warp
- * covering 2 rows x 256 contiguous bytes; meanwhile the other warpgroup's
- * wgmmas keep the tensor cores busy.
+ * applies alpha and the bias, writes its 64 x 64 results into its own
+ * staging area (transposed back to rows of C, in the same 128-byte
+ * swizzle: no bank conflicts) and hands them to the copy engine as two
+ * bulk tensor stores; meanwhile the other warpgroup's wgmmas keep the
+ * tensor cores busy.
+ *
+ * Versions (PERFORMANCE.md, linear v3 and v4): 16-byte stores issued by
+ * the consumers (which nvcc had split into 4-byte stores) cost k = 256
+ * its lead over cuBLASLt; 8-byte W loads, conflict-free 8-byte staging
+ * stores and the bulk stores took 15360 x 256 x 1024 from 46.7 to 35.4
+ * us. Thread-block clusters that multicast each A tile to the blocks of
+ * neighbouring column slices (A read from L2 once per cluster) measured
+ * slower (2 blocks: +25 %, 4: +60 %): the blocks of a cluster wait for
+ * each other's consumers before every refill.
  *
  * Numerics: W rounded to tf32 (round to nearest, ties away), A's low 13
  * mantissa bits ignored by the tensor cores (as cuBLAS's TF32 does), fp32
  * accumulation in a fixed order: bit-identical from run to run, for any
  * grid. Requirements (gemm_tf32_applies): f32, TF32 precision, no
- * transposes, beta 0, k in {64, 128} (256 is built, for the probe, but
- * not chosen: see there), n a multiple of 128, A and C
- * 16-byte aligned with lda and ldc multiples of 4 (bias too when given),
- * enough rows to fill the machine; a
+ * transposes, beta 0, k in {64, 128, 256}, n a multiple of 128, A and C
+ * 16-byte aligned with lda and ldc multiples of 4 (bias too when given), W
+ * 8-byte aligned with an even ldb, enough rows to fill the machine; a
  * device of compute capability 9.0 and a build for sm_90 (the Makefile
  * compiles this file for sm_90a and defines MX_WGMMA; otherwise it is never
  * chosen).
@@ -141,19 +149,40 @@ __device__ __forceinline__ void gt_tma_load(uint32_t dst, const CUtensorMap *map
       : "memory");
 }
 
+/* Box (32 columns, GT_ROWS rows) of C at (col0, row0) from `src`
+ * (128-byte swizzled like the loads), by the copy engine; rows past m are
+ * not written. Completes into this thread's bulk group. */
+__device__ __forceinline__ void gt_tma_store(const CUtensorMap *map, int col0, int row0,
+                                             uint32_t src) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   (uint64_t)map),
+               "r"(col0), "r"(row0), "r"(src)
+               : "memory");
+}
+
 /* KS = k / 8 wgmma steps per tile. Warps 0-7: two consumer warpgroups
  * (232 registers a thread: the W fragments alone take k / 2); warps 8-11:
- * the producer warpgroup (40 registers; one lane issues the bulk copies). Stage s has a
- * "full" barrier (the producer's expect_tx, completed by the copy's bytes)
- * and an "empty" one (one arrival per consumer warpgroup once its wgmmas
- * on the stage are done); use u of a stage waits full parity u & 1, and
- * its refill waits empty parity (u - 1) & 1. No block-wide barrier after
- * the set-up, so one warpgroup's epilogue overlaps the other's wgmmas. */
+ * the producer warpgroup (40 registers; one lane issues the bulk copies).
+ * Stage s has a "full" barrier (the producer's expect_tx, completed by the
+ * copy's bytes) and an "empty" one (one arrival per consumer warpgroup
+ * once its wgmmas on the stage are done); use u of a stage waits full
+ * parity u & 1, and its refill waits empty parity (u - 1) & 1. No
+ * block-wide barrier after the set-up, so one warpgroup's epilogue
+ * overlaps the other's wgmmas.
+ *
+ * Epilogue of a tile (per warpgroup): alpha and the bias are applied in
+ * registers, the 64 x 64 results are written to the warpgroup's staging
+ * area as two 64-row x 32-column boxes in the 128-byte-swizzle layout, and
+ * one thread hands both to the copy engine (bulk tensor stores): the
+ * warpgroup goes back to its next tile's wgmmas without issuing the
+ * 16 KB of global stores itself. Before the staging is rewritten, that
+ * thread waits until the engine has read the previous boxes. */
 template <int KS>
 __global__ void __launch_bounds__(GT_THREADS, 1)
-    gemm_tf32_kernel(const __grid_constant__ CUtensorMap amap, const float *__restrict__ w,
-                     int64_t ldb, const float *__restrict__ bias, float *__restrict__ c,
-                     int64_t ldc, int64_t m, float alpha, int tiles, int per_slice) {
+    gemm_tf32_kernel(const __grid_constant__ CUtensorMap amap,
+                     const __grid_constant__ CUtensorMap cmap, const float *__restrict__ w,
+                     int64_t ldb, const float *__restrict__ bias, float alpha, int tiles,
+                     int per_slice) {
   constexpr int KB = KS / 4;                       /* 32-k blocks of a row */
   constexpr uint32_t BOX = GT_ROWS * 128;          /* bytes of one box (32 k x GT_ROWS) */
   constexpr uint32_t STAGE = KB * BOX;             /* bytes of a stage */
@@ -196,29 +225,38 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 
   const int wg = tid >> 7, q = warp & 3, g = lane >> 2, t = lane & 3, wtid = tid & 127;
-  const int64_t nb = (int64_t)slice * GT_COLS + wg * 64; /* this warpgroup's first column */
-  /* this warpgroup's staging: 64 rows of C x 16 float4, float4 column
-   * n4 of row r at position n4 ^ (r & 7) */
+  const int nb = slice * GT_COLS + wg * 64; /* this warpgroup's first column */
+  /* this warpgroup's staging: two boxes of 64 rows x 32 columns (8 KB
+   * each), 16-byte chunk c of row r at chunk position c ^ (r & 7) */
+  const uint32_t stg_addr = smem + GT_STAGES * STAGE + wg * GT_STAGING;
   float *const stg = (float *)(smem_ptr + GT_STAGES * STAGE + wg * GT_STAGING);
+  if (wtid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)&cmap) : "memory");
 
-  /* W^T fragments of the warpgroup's 64 columns: step s holds rows
-   * nb + 16 q + g (+ 8) of W^T, k = 8 s + t (+ 4). */
+  /* W^T fragments of the warpgroup's 64 columns. wgmma row 16 q + g (+ 8)
+   * of this warpgroup is W column nb + 16 q + 2 g (+ 1): any assignment of
+   * columns to rows works if the epilogue follows it, and this one puts a
+   * thread's two columns side by side (one 8-byte load, and one 8-byte
+   * staging store). Step s holds k = 8 s + t (+ 4). */
   uint32_t wf[4 * KS];
   {
-    const float *w0 = w + (int64_t)t * ldb + nb + 16 * q + g;
+    const float *w0 = w + (int64_t)t * ldb + nb + 16 * q + 2 * g;
 #pragma unroll
     for (int s = 0; s < KS; s++) {
       const float *p = w0 + (int64_t)(8 * s) * ldb;
-      wf[4 * s + 0] = gt_tf32(__ldg(p));
-      wf[4 * s + 1] = gt_tf32(__ldg(p + 8));
-      wf[4 * s + 2] = gt_tf32(__ldg(p + 4 * ldb));
-      wf[4 * s + 3] = gt_tf32(__ldg(p + 4 * ldb + 8));
+      const float2 lo = __ldg((const float2 *)p), hi = __ldg((const float2 *)(p + 4 * ldb));
+      wf[4 * s + 0] = gt_tf32(lo.x);
+      wf[4 * s + 1] = gt_tf32(lo.y);
+      wf[4 * s + 2] = gt_tf32(hi.x);
+      wf[4 * s + 3] = gt_tf32(hi.y);
     }
   }
-  /* The epilogue's column: float4 n4 = wtid & 15 of the warpgroup's 64. */
-  const int n4 = wtid & 15;
-  float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  if (bias) bias4 = __ldg((const float4 *)(bias + nb + 4 * n4));
+  /* the bias of this thread's two columns */
+  float2 bias2 = make_float2(0.0f, 0.0f);
+  if (bias) bias2 = __ldg((const float2 *)(bias + nb + 16 * q + 2 * g));
+  /* staging offsets (floats) of this thread's pairs: column n = 16 q + 2 g
+   * is in box n >> 5, chunk (n >> 2) & 7, at n & 3 within it */
+  const int n = 16 * q + 2 * g;
+  const int box_off = (n >> 5) * (GT_ROWS * 32), chunk = (n >> 2) & 7, within = n & 3;
 
   float d[32];
   for (int it = 0;; it++) {
@@ -240,33 +278,36 @@ __global__ void __launch_bounds__(GT_THREADS, 1)
       for (int i = 0; i < 32; i++) d[i] = __uint_as_float(wf[i] ^ wf[4 * KS - 1 - i]);
     }
     if (wtid == 0) gt_mbar_arrive(bars + 8 * (GT_STAGES + s)); /* the stage may be refilled */
-    /* every thread of the warpgroup is done reading the previous staging */
+    /* the copy engine is done reading the previous tile's staging */
+    if (wtid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-    /* d[i] is C^T (16 q + g + 8 ((i >> 1) & 1), 8 (i >> 2) + 2 t + (i & 1))
-     * of this warpgroup's 64 x 64: staged as C row r, column n. */
+    /* d[i] is C^T (wgmma row 16 q + g + 8 ((i >> 1) & 1), tile row
+     * 8 (i >> 2) + 2 t + (i & 1)): C row r, columns n (even i & 2) and
+     * n + 1, staged together as one 8-byte store; each half-warp's stores
+     * hit distinct banks. */
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
-      const int r = 8 * (i >> 2) + 2 * t + (i & 1);
-      const int n = 16 * q + g + 8 * ((i >> 1) & 1);
-      stg[r * 64 + (((n >> 2) ^ (r & 7)) << 2) + (n & 3)] = d[i];
-    }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-    const int64_t row0 = (int64_t)tile * GT_ROWS;
+    for (int i = 0; i < 32; i += 4) {
 #pragma unroll
-    for (int u = 0; u < GT_ROWS * 16 / 128; u++) {
-      const int r = (wtid >> 4) + 8 * u;
-      const int64_t row = row0 + r;
-      const float4 v = *(const float4 *)(stg + r * 64 + ((n4 ^ (r & 7)) << 2));
-      if (row < m && GT_ABLATE != 1) {
-        float4 o;
-        o.x = __fadd_rn(__fmul_rn(alpha, v.x), bias4.x);
-        o.y = __fadd_rn(__fmul_rn(alpha, v.y), bias4.y);
-        o.z = __fadd_rn(__fmul_rn(alpha, v.z), bias4.z);
-        o.w = __fadd_rn(__fmul_rn(alpha, v.w), bias4.w);
-        *(float4 *)(c + row * ldc + nb + 4 * n4) = o;
+      for (int e = 0; e < 2; e++) {
+        const int r = 8 * (i >> 2) + 2 * t + e;
+        float2 o;
+        o.x = __fadd_rn(__fmul_rn(alpha, d[i + e]), bias2.x);
+        o.y = __fadd_rn(__fmul_rn(alpha, d[i + 2 + e]), bias2.y);
+        *(float2 *)(stg + box_off + r * 32 + ((chunk ^ (r & 7)) << 2) + within) = o;
       }
     }
+    /* the generic-proxy writes become visible to the copy engine */
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    if (wtid == 0 && GT_ABLATE != 1) {
+      gt_tma_store(&cmap, nb, tile * GT_ROWS, stg_addr);
+      gt_tma_store(&cmap, nb + 32, tile * GT_ROWS, stg_addr + GT_ROWS * 128);
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    }
   }
+  /* the last stores have read the staging before the block's shared
+   * memory goes away (they complete to global memory on their own) */
+  if (wtid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
 /* The driver's tensor-map encoder, looked up once through the runtime. */
@@ -291,6 +332,20 @@ static int64_t gt_per_slice(int64_t n, int sm_count) {
   return per_slice < 1 ? 1 : per_slice;
 }
 
+/* A 2-D tensor map of a row-major f32 matrix (rows x cols, row stride ld
+ * floats) with boxes of 32 columns x GT_ROWS rows, 128-byte swizzled. */
+static int gt_map(CUtensorMap *map, PFN_cuTensorMapEncodeTiled_v12000 encode, const void *base,
+                  int64_t rows, int64_t cols, int64_t ld) {
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)ld * 4};
+  const cuuint32_t box[2] = {32, GT_ROWS};
+  const cuuint32_t estrides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, (void *)base, dims, strides, box, estrides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <int KS>
 static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int dev, int sm_count) {
   /* the ring, two staging areas, the barriers, and room to align to 1024 */
@@ -307,37 +362,31 @@ static cudaError_t gt_launch(const mx_gemm_args *g, cudaStream_t stream, int dev
   }
   PFN_cuTensorMapEncodeTiled_v12000 encode = gt_encoder();
   if (!encode) return cudaErrorNotSupported;
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {(cuuint64_t)g->k, (cuuint64_t)g->m};
-  const cuuint64_t strides[1] = {(cuuint64_t)g->lda * 4};
-  const cuuint32_t box[2] = {32, GT_ROWS};
-  const cuuint32_t estrides[2] = {1, 1};
-  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, (void *)g->a, dims, strides, box, estrides,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+  CUtensorMap amap, cmap;
+  if (!gt_map(&amap, encode, g->a, g->m, g->k, g->lda) ||
+      !gt_map(&cmap, encode, g->c, g->m, g->n, g->ldc))
     return cudaErrorInvalidValue;
   const int slices = (int)(g->n / GT_COLS);
   const int tiles = (int)((g->m + GT_ROWS - 1) / GT_ROWS);
   int per_slice = (int)gt_per_slice(g->n, sm_count);
   if (per_slice > tiles) per_slice = tiles;
   gemm_tf32_kernel<KS><<<slices * per_slice, GT_THREADS, smem, stream>>>(
-      map, (const float *)g->b, g->ldb, (const float *)g->bias, (float *)g->c, g->ldc, g->m,
-      (float)g->alpha, tiles, per_slice);
+      amap, cmap, (const float *)g->b, g->ldb, (const float *)g->bias, (float)g->alpha, tiles,
+      per_slice);
   return cudaGetLastError();
 }
 
 int gemm_tf32_applies(const mx_gemm_args *g, int cc_major, int cc_minor, int sm_count) {
   if (cc_major != 9 || cc_minor != 0 || sm_count < 1) return 0;
   if (g->dtype != MX_F32 || g->precision != MX_PREC_TF32 || g->trans_a || g->trans_b) return 0;
-  /* k = 256 compiles and is correct, but measured slower than cuBLASLt at
-   * the issue's 15360 x 256 x 1024 (49.3 against 42.9 us): A is re-read
-   * once per 128-column slice (8 times), and the copies plus the 63 MB of
-   * stores do not overlap well enough (PERFORMANCE.md, linear v3). At k =
-   * 64 and 128 it is 24 to 33 % faster, so only those are chosen. */
-  if (g->beta != 0.0 || !(g->k == 64 || g->k == 128)) return 0;
+  /* k = 64, 128, 256: W stays in registers (k / 2 a thread), so larger k
+   * would not fit; measured 17 to 40 % faster than cuBLASLt at 15360 rows
+   * (bench/results/gemm_tf32_probe_*.txt) */
+  if (g->beta != 0.0 || !(g->k == 64 || g->k == 128 || g->k == 256)) return 0;
   if (g->n < GT_COLS || g->n % GT_COLS != 0 || g->n > ((int64_t)1 << 24)) return 0;
   if (((uintptr_t)g->a & 15u) != 0 || g->lda % 4 != 0) return 0;
   if (((uintptr_t)g->c & 15u) != 0 || g->ldc % 4 != 0) return 0;
+  if (((uintptr_t)g->b & 7u) != 0 || g->ldb % 2 != 0) return 0; /* 8-byte loads of W */
   if (g->bias && ((uintptr_t)g->bias & 15u) != 0) return 0;
   if (g->m > ((int64_t)1 << 30)) return 0; /* tiles fit an int */
   /* Enough rows that every block of the grid gets at least 4 tiles: below

@@ -7,7 +7,7 @@
  * ---- GEMM --------------------------------------------------------------------
  *
  * Large f32 TF32 GEMMs of the linear forward's layout (no transposes, beta
- * 0, k in {64, 128}, n a multiple of 128) on an sm_90 device run our
+ * 0, k in {64, 128, 256}, n a multiple of 128) on an sm_90 device run our
  * own wgmma kernel (gemm_tf32.cu: cuBLASLt has no fast kernel for W (k, n)
  * in TF32); everything else goes to cuBLASLt as follows.
  *
