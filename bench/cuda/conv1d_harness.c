@@ -21,21 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../c_src/core/backend.h"
+#include "harness.h"
 #include "../../c_src/core/numeric.h"
 #include "../../c_src/cpu/cpu_kernels.h"
 
-static const mx_backend *G;
-static mx_err E;
 static int failures;
-
-#define OK(call)                                                                   \
-  do {                                                                             \
-    if ((call) != MX_OK) {                                                         \
-      fprintf(stderr, "%s:%d %s failed: %s\n", __FILE__, __LINE__, #call, E.msg);  \
-      exit(1);                                                                     \
-    }                                                                              \
-  } while (0)
 
 static uint64_t rng = 88172645463325252ULL;
 static float frand(float lo, float hi) {
@@ -183,32 +173,26 @@ static void check(cv_case k) {
   for (size_t i = 0; i < sizeof hp / sizeof hp[0]; i++) free(hp[i]);
 }
 
-static int cmpd(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
+/* one timed call of time_op */
+typedef struct {
+  int which;
+  const mx_conv1d_args *a;
+  void *out, *hl, *dout, *dx, *dw, *db;
+} conv_call;
+
+static void conv_op(void *ctx, int i) {
+  const conv_call *c = ctx;
+  (void)i;
+  if (c->which == 0) OK(G->conv1d_forward(0, c->a, c->out, c->hl, &E));
+  else OK(G->conv1d_backward(0, c->a, c->dout, NULL, c->dx, c->dw, c->db, NULL, 0, &E));
 }
 
 /* median device µs of `runs` calls; which: 0 forward, 1 backward */
 static double time_op(int which, mx_conv1d_args *a, void *out, void *hl, void *dout, void *dx,
                       void *dw, void *db, int runs) {
-  double *t = malloc(sizeof(double) * runs);
-  for (int r = -5; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    OK(G->spin(0, 100, &E));
-    OK(G->event_record(0, &e0, &E));
-    if (which == 0) OK(G->conv1d_forward(0, a, out, hl, &E));
-    else OK(G->conv1d_backward(0, a, dout, NULL, dx, dw, db, NULL, 0, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) t[r] = us;
-  }
-  qsort(t, runs, sizeof(double), cmpd);
-  double m = t[runs / 2];
-  free(t);
-  return m;
+  conv_call c = {.which = which, .a = a, .out = out, .hl = hl, .dout = dout, .dx = dx,
+                 .dw = dw, .db = db};
+  return hx_time_median(runs, 5, 100, conv_op, &c);
 }
 
 static void bench(int B, int L, int C, int W, int silu, int io, int runs) {
@@ -250,13 +234,7 @@ static void bench(int B, int L, int C, int W, int silu, int io, int runs) {
 int main(int argc, char **argv) {
   const char *path = argc > 1 ? argv[1] : "priv/mambex_cuda.so";
   int runs = argc > 2 ? atoi(argv[2]) : 100;
-  void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
-  if (!h) {
-    fprintf(stderr, "dlopen: %s\n", dlerror());
-    return 1;
-  }
-  mx_backend_get_fn get = (mx_backend_get_fn)dlsym(h, "mx_cuda_backend_get");
-  G = get ? get(MX_BACKEND_ABI) : NULL;
+  G = hx_load(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE, NULL);
   if (!G || G->device_count(&E) < 1) {
     fprintf(stderr, "no CUDA backend or device\n");
     return 1;

@@ -18,18 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../c_src/core/backend.h"
-
-static const mx_backend *G;
-static mx_err E;
-
-#define OK(call)                                                                   \
-  do {                                                                             \
-    if ((call) != MX_OK) {                                                         \
-      fprintf(stderr, "%s:%d %s failed: %s\n", __FILE__, __LINE__, #call, E.msg); \
-      exit(1);                                                                     \
-    }                                                                              \
-  } while (0)
+#include "harness.h"
 
 static uint64_t g_seed = 1;
 
@@ -40,29 +29,13 @@ static void *dev_uniform(size_t n, double a, double b) {
   return p;
 }
 
-static int cmp(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
+static void infer_op(void *ctx, int i) {
+  (void)i;
+  OK(G->infer(0, ctx, &E));
 }
 
 static double time_infer(mx_infer_args *a, int runs) {
-  double *t = malloc(sizeof(double) * runs);
-  for (int r = -5; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    OK(G->spin(0, 200, &E));
-    OK(G->event_record(0, &e0, &E));
-    OK(G->infer(0, a, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) t[r] = us;
-  }
-  qsort(t, runs, sizeof(double), cmp);
-  const double m = t[runs / 2];
-  free(t);
-  return m;
+  return hx_time_median(runs, 5, 200, infer_op, a);
 }
 
 int main(int argc, char **argv) {
@@ -70,13 +43,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: %s mambex_cuda.so [layers] [batch] [runs]\n", argv[0]);
     return 2;
   }
-  void *so = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-  if (!so) {
-    fprintf(stderr, "dlopen: %s\n", dlerror());
-    return 1;
-  }
-  mx_backend_get_fn get = (mx_backend_get_fn)dlsym(so, "mx_cuda_backend_get");
-  G = get ? get(MX_BACKEND_ABI) : NULL;
+  void *so = NULL;
+  G = hx_load(argv[1], RTLD_NOW | RTLD_LOCAL, &so);
   if (!G) {
     fprintf(stderr, "no backend table (ABI %d)\n", MX_BACKEND_ABI);
     return 1;

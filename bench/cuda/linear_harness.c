@@ -21,23 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../c_src/core/backend.h"
-
-static const mx_backend *G;
-static mx_err E;
-
-#define OK(call)                                                                   \
-  do {                                                                             \
-    if ((call) != MX_OK) {                                                         \
-      fprintf(stderr, "%s:%d %s failed: %s\n", __FILE__, __LINE__, #call, E.msg);  \
-      exit(1);                                                                     \
-    }                                                                              \
-  } while (0)
-
-static int cmpd(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
+#include "harness.h"
 
 static void *dev_rand(size_t n, uint64_t seed) {
   void *d;
@@ -59,6 +43,11 @@ static uint64_t fnv(const void *p, size_t n) {
   return h;
 }
 
+static void gemm_op(void *ctx, int i) {
+  (void)i;
+  OK(G->gemm(0, ctx, &E));
+}
+
 /* C (m, n) = op(A) op(B) [+ bias], row-major, f32; prec MX_PREC_TF32 / FP32. */
 static void run_case(const char *name, int prec, int ta, int tb, int64_t m, int64_t n, int64_t k,
                      int bias, int runs) {
@@ -70,19 +59,7 @@ static void run_case(const char *name, int prec, int ta, int tb, int64_t m, int6
                     .ldb = tb ? k : n, .c = c, .ldc = n, .alpha = 1.0, .beta = 0.0,
                     .bias = bi};
   double *t = malloc(sizeof(double) * runs);
-  for (int r = -5; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    OK(G->spin(0, 100, &E));
-    OK(G->event_record(0, &e0, &E));
-    OK(G->gemm(0, &g, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) t[r] = us;
-  }
-  qsort(t, runs, sizeof(double), cmpd);
+  hx_time(t, runs, 5, 100, gemm_op, &g);
   float *hc = host_copy(c, nc);
   OK(G->fill(0, MX_F32, c, nc, (mx_scalar){NAN, 0}, &E));
   OK(G->gemm(0, &g, &E));
@@ -130,13 +107,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   const int runs = argc > 2 ? atoi(argv[2]) : 100;
-  void *so = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-  if (!so) {
-    fprintf(stderr, "dlopen: %s\n", dlerror());
-    return 1;
-  }
-  mx_backend_get_fn get = (mx_backend_get_fn)dlsym(so, "mx_cuda_backend_get");
-  G = get ? get(MX_BACKEND_ABI) : NULL;
+  G = hx_load(argv[1], RTLD_NOW | RTLD_LOCAL, NULL);
   if (!G || G->device_count(&E) < 1) {
     fprintf(stderr, "no CUDA backend / device\n");
     return 1;

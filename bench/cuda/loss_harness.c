@@ -21,21 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../c_src/core/backend.h"
+#include "harness.h"
 #include "../../c_src/core/numeric.h"
 #include "../../c_src/cpu/cpu_kernels.h"
 
-static const mx_backend *G;
-static mx_err E;
 static int failures;
-
-#define OK(call)                                                                  \
-  do {                                                                            \
-    if ((call) != MX_OK) {                                                        \
-      fprintf(stderr, "%s:%d %s failed: %s\n", __FILE__, __LINE__, #call, E.msg); \
-      exit(1);                                                                    \
-    }                                                                             \
-  } while (0)
 
 static uint64_t rng = 88172645463325252ULL;
 static double urand(void) {
@@ -215,9 +205,16 @@ static void check_mse(size_t n, int mean, double scale, int io) {
   free(p), free(y), free(g), free(p64), free(y64), free(g64);
 }
 
-static int cmp(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
+/* one timed cross-entropy call: call i reads input set i % sets */
+typedef struct {
+  const mx_xent_args *a;
+  int sets;
+  void *loss, *grads;
+} xent_call;
+
+static void xent_op(void *ctx, int i) {
+  const xent_call *c = ctx;
+  OK(G->cross_entropy(0, &c->a[i % c->sets], c->loss, c->grads, &E));
 }
 
 /* Median device time of `runs` calls; inputs rotate over `sets` copies. */
@@ -246,19 +243,8 @@ static void time_xent(int64_t rows, int64_t C, int io, int weights_ignore, int r
   }
   OK(G->sync(0, &E));
   double *tm = malloc(sizeof(double) * runs);
-  for (int r = -5; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    OK(G->spin(0, 100, &E));
-    OK(G->event_record(0, &e0, &E));
-    OK(G->cross_entropy(0, &a[(r + 5) % sets], loss, grads, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) tm[r] = us;
-  }
-  qsort(tm, runs, sizeof(double), cmp);
+  xent_call c = {.a = a, .sets = sets, .loss = loss, .grads = grads};
+  hx_time(tm, runs, 5, 100, xent_op, &c);
   double bytes = 2.0 * n * es + 4.0 * rows, floor_us = bytes / 4.2e12 * 1e6;
   printf("xent rows=%ld C=%ld io=%s%s median %.2f us p10 %.2f p90 %.2f  floor %.2f us (%.0f%%)\n",
          (long)rows, (long)C, io == MX_BF16 ? "bf16" : "f32", weights_ignore ? " w+ign" : "",
@@ -272,6 +258,20 @@ static void time_xent(int64_t rows, int64_t C, int io, int weights_ignore, int r
   free(t);
 }
 
+/* one timed MSE call: call i reads input set i % 4 */
+typedef struct {
+  void **p, **y;
+  size_t n;
+  int io;
+  void *loss, *g;
+} mse_call;
+
+static void mse_op(void *ctx, int i) {
+  const mse_call *c = ctx;
+  int s = i % 4;
+  OK(G->mse(0, c->io, MX_F32, c->p[s], c->y[s], c->n, 1, 1.0, c->loss, c->g, &E));
+}
+
 static void time_mse(size_t n, int io, int runs) {
   size_t es = mx_dtype_size(io);
   void *p[4], *y[4], *g, *loss = dev_bytes(4);
@@ -283,20 +283,8 @@ static void time_mse(size_t n, int io, int runs) {
   }
   OK(G->alloc(0, n * es, &g, &E));
   double *tm = malloc(sizeof(double) * runs);
-  for (int r = -5; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    int s = (r + 5) % 4;
-    OK(G->spin(0, 100, &E));
-    OK(G->event_record(0, &e0, &E));
-    OK(G->mse(0, io, MX_F32, p[s], y[s], n, 1, 1.0, loss, g, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) tm[r] = us;
-  }
-  qsort(tm, runs, sizeof(double), cmp);
+  mse_call c = {.p = p, .y = y, .n = n, .io = io, .loss = loss, .g = g};
+  hx_time(tm, runs, 5, 100, mse_op, &c);
   double floor_us = 3.0 * n * es / 4.2e12 * 1e6;
   printf("mse n=%zu io=%s median %.2f us p10 %.2f p90 %.2f  floor %.2f us (%.0f%%)\n", n,
          io == MX_BF16 ? "bf16" : "f32", tm[runs / 2], tm[runs / 10], tm[runs * 9 / 10], floor_us,
@@ -307,13 +295,7 @@ static void time_mse(size_t n, int io, int runs) {
 int main(int argc, char **argv) {
   const char *path = argc > 1 ? argv[1] : "priv/mambex_cuda.so";
   const char *what = argc > 2 ? argv[2] : "all";
-  void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
-  if (!h) {
-    fprintf(stderr, "dlopen: %s\n", dlerror());
-    return 1;
-  }
-  mx_backend_get_fn get = (mx_backend_get_fn)dlsym(h, "mx_cuda_backend_get");
-  G = get ? get(MX_BACKEND_ABI) : NULL;
+  G = hx_load(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE, NULL);
   if (!G || G->device_count(&E) < 1) {
     fprintf(stderr, "no CUDA backend or device\n");
     return 1;

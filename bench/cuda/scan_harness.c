@@ -19,18 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../c_src/core/backend.h"
-
-static const mx_backend *G;
-static mx_err E;
-
-#define OK(call)                                                               \
-  do {                                                                         \
-    if ((call) != MX_OK) {                                                     \
-      fprintf(stderr, "%s:%d %s failed: %s\n", __FILE__, __LINE__, #call, E.msg); \
-      exit(1);                                                                 \
-    }                                                                          \
-  } while (0)
+#include "harness.h"
 
 static void *dev_random(size_t n, uint64_t seed, double a, double b, int normal) {
   void *p;
@@ -39,67 +28,43 @@ static void *dev_random(size_t n, uint64_t seed, double a, double b, int normal)
   return p;
 }
 
-static int cmp(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
+/* one timed call of time_scan: fwd, then bwd when `with_bwd` */
+typedef struct {
+  const mx_scan_args *a;
+  void *out, *hl, *dout;
+  const mx_scan_grads *g;
+  int with_bwd;
+} scan_call;
+
+static void scan_op(void *ctx, int i) {
+  const scan_call *c = ctx;
+  (void)i;
+  OK(G->scan_forward(0, c->a, c->out, c->hl, &E));
+  if (c->with_bwd) OK(G->scan_backward(0, c->a, c->dout, NULL, c->g, &E));
 }
 
 /* median device time of `runs` calls of fwd (and bwd when `with_bwd`) */
 static double time_scan(mx_scan_args *a, void *out, void *hl, mx_scan_grads *g, void *dout,
                         int with_bwd, void *ckpt, int runs) {
   a->ckpt = ckpt;
-  double *t = malloc(sizeof(double) * runs);
-  for (int r = -3; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    OK(G->spin(0, 200, &E));
-    OK(G->event_record(0, &e0, &E));
-    OK(G->scan_forward(0, a, out, hl, &E));
-    if (with_bwd) OK(G->scan_backward(0, a, dout, NULL, g, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) t[r] = us;
-  }
-  qsort(t, runs, sizeof(double), cmp);
-  double m = t[runs / 2];
-  free(t);
-  return m;
+  scan_call c = {.a = a, .out = out, .hl = hl, .dout = dout, .g = g, .with_bwd = with_bwd};
+  return hx_time_median(runs, 3, 200, scan_op, &c);
+}
+
+static void empty_op(void *ctx, int i) {
+  (void)ctx;
+  (void)i;
+  OK(G->spin(0, 0, &E));
 }
 
 /* median device time of an empty kernel (a spin of 0 us) between events */
-static double time_empty(int runs) {
-  double *t = malloc(sizeof(double) * runs);
-  for (int r = -3; r < runs; r++) {
-    void *e0, *e1;
-    double us;
-    OK(G->spin(0, 200, &E));
-    OK(G->event_record(0, &e0, &E));
-    OK(G->spin(0, 0, &E));
-    OK(G->event_record(0, &e1, &E));
-    OK(G->event_elapsed(0, e0, e1, &us, &E));
-    G->event_destroy(0, e0);
-    G->event_destroy(0, e1);
-    if (r >= 0) t[r] = us;
-  }
-  qsort(t, runs, sizeof(double), cmp);
-  double m = t[runs / 2];
-  free(t);
-  return m;
-}
+static double time_empty(int runs) { return hx_time_median(runs, 3, 200, empty_op, NULL); }
 
 int main(int argc, char **argv) {
   const char *path = argc > 1 ? argv[1] : "priv/mambex_cuda.so";
   int runs = argc > 2 ? atoi(argv[2]) : 50;
   int only = argc > 3 ? atoi(argv[3]) : -1; /* run one shape (an index) */
-  void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
-  if (!h) {
-    fprintf(stderr, "dlopen: %s\n", dlerror());
-    return 1;
-  }
-  mx_backend_get_fn get = (mx_backend_get_fn)dlsym(h, "mx_cuda_backend_get");
-  G = get ? get(MX_BACKEND_ABI) : NULL;
+  G = hx_load(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE, NULL);
   if (!G || G->device_count(&E) < 1) {
     fprintf(stderr, "no CUDA backend or device\n");
     return 1;

@@ -156,6 +156,8 @@ static int dev_setup_locked(mx_cuda_dev *d, mx_err *err) {
   int cc_major = 0, cc_minor = 0;
   MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
   MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
+  int smem_optin = 0;
+  MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
 
   cudaMemPool_t pool;
   uint64_t threshold = UINT64_MAX;
@@ -176,6 +178,7 @@ static int dev_setup_locked(mx_cuda_dev *d, mx_err *err) {
   d->sm_count = sms > 0 ? sms : 1;
   d->cc_major = cc_major;
   d->cc_minor = cc_minor;
+  d->smem_optin = smem_optin;
   d->stream = stream;
   d->pool = pool;
   __atomic_store_n(&d->ready, 1, __ATOMIC_RELEASE);

@@ -92,6 +92,7 @@ typedef struct {
   int index;
   int sm_count;
   int cc_major, cc_minor;    /* compute capability */
+  int smem_optin;            /* shared memory a block may opt into, bytes */
   cudaStream_t stream;
   cudaMemPool_t pool;
   pthread_mutex_t mu;        /* held while enqueueing */

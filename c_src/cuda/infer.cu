@@ -405,7 +405,6 @@ static __global__ void __launch_bounds__(IF_THREADS, 1) infer_kernel(if_params p
 static unsigned *g_bar[MX_MAX_CUDA_DEVICES];
 static int g_smem_set[MX_MAX_CUDA_DEVICES];
 static int g_max_blocks[MX_MAX_CUDA_DEVICES];
-static int g_smem_optin[MX_MAX_CUDA_DEVICES];
 
 static int check_args(const mx_infer_args *a, mx_err *err) {
   if (a->n_layers < 1 || a->n_layers > MX_INFER_MAX_LAYERS)
@@ -503,9 +502,6 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
     int per_sm = 0;
     MX_CUDA_TRY(d, err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, infer_kernel, IF_THREADS, bytes));
     if (per_sm < 1) return mx_cuda_fail(err, MX_E_RUNTIME, "infer: the kernel does not fit on an SM");
-    int optin = 0;
-    MX_CUDA_TRY(d, err, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, i));
-    g_smem_optin[i] = optin;
     g_max_blocks[i] = per_sm * d->sm_count;
     g_smem_set[i] = bytes;
   }
@@ -530,7 +526,7 @@ static int configure(mx_cuda_dev *d, const mx_infer_args *a, if_run *run, mx_err
   if (a->blocks == 0 && a->step_channels >= 0) {
     const char *why = NULL;
     int ok = infer_step_configure(&run->p, a->step_channels, d->sm_count,
-                                  (size_t)g_smem_optin[d->index], &why) == 0;
+                                  (size_t)d->smem_optin, &why) == 0;
     if (ok) {
       int max_blocks = 0;
       const int rc = infer_step_setup(d, run->p.B, (size_t)run->p.sl.total * sizeof(float), &max_blocks, err);

@@ -1245,7 +1245,6 @@ int mx_cuda_scan_backward(int dev, const mx_scan_args *a, const void *d_out,
     npt = 16;
     lps = 1;
     p.split = kind == 2 ? scan_lps_split(p) : 0;
-    p.LPC = 16;
     p.CH = scan_lps_channels(p, a->io, 1, d->sm_count);
     p.TC = B16_SUB;
     smem = 0;

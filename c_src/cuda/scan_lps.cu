@@ -662,18 +662,6 @@ static size_t lps_backward_smem(int CH, size_t es, int split) {
 
 static size_t lps_backward_smem(int CH, size_t es, int split);
 
-/* The device's shared memory a block may opt into (cached; every thread
- * that fills a slot writes the same value). */
-static int g_smem_optin[MX_MAX_CUDA_DEVICES];
-static int smem_optin(const mx_cuda_dev *d) {
-  int v = __atomic_load_n(&g_smem_optin[d->index], __ATOMIC_RELAXED);
-  if (v == 0) {
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->index) != cudaSuccess) v = 48 * 1024;
-    __atomic_store_n(&g_smem_optin[d->index], v, __ATOMIC_RELAXED);
-  }
-  return v;
-}
-
 int scan_lps_wanted(const scan_params &p, int io, const mx_cuda_dev *d) {
   const char *o = getenv("MAMBEX_SCAN_KERNEL");
   int kind;
@@ -689,7 +677,7 @@ int scan_lps_wanted(const scan_params &p, int io, const mx_cuda_dev *d) {
    * forward too (so either direction sees the same checkpoints) */
   if (kind == 2) {
     const int ch = io == MX_F32 ? 4 : 8;
-    if (lps_backward_smem(ch, mx_dtype_size(io), ch == 4 ? scan_lps_split(p) : 4) > (size_t)smem_optin(d)) kind = 1;
+    if (lps_backward_smem(ch, mx_dtype_size(io), ch == 4 ? scan_lps_split(p) : 4) > (size_t)d->smem_optin) kind = 1;
   }
   return kind;
 }
