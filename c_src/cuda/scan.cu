@@ -303,11 +303,13 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
     __syncthreads();
 
     auto step = [&](int t) {
+      /* checkpoint stores go through __stwb: nvcc had split the plain
+       * float4 assignments into four 4-byte stores (PTX) */
       if (p.ck && (t0 + t) % B16_SUB == 0) { /* the state entering t, for the backward */
         float *dst = p.ck + (((int64_t)b * nsub + (t0 + t) / B16_SUB) * D + d) * N + NPT * j;
 #pragma unroll
         for (int q = 0; q < NPT / 4; q++)
-          ((float4 *)dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+          __stwb((float4 *)dst + q, make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]));
       }
       const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]);
       float bb[NPT], cc[NPT];
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(128) scan_forward16_kernel(scan_params p) {
       for (int t8 = 0; t8 < TC; t8 += 8) {
         if (p.ck) { /* t8 is a multiple of B16_SUB */
           float *dst = p.ck + (((int64_t)b * nsub + (t0 + t8) / B16_SUB) * D + d) * N + NPT * j;
-          *(float4 *)dst = make_float4(h[0], h[1], h[2], h[3]);
+          __stwb((float4 *)dst, make_float4(h[0], h[1], h[2], h[3]));
         }
         float av[8][4], bu[8][4], cw[8][4];
 #pragma unroll
@@ -700,7 +702,7 @@ __global__ void __launch_bounds__(128) scan_backward16_kernel(scan_params p) {
     __syncthreads();
     for (int t = 0; t < tc; t++) {
       if ((t0 + t) % SUB == 0)
-        *(float4 *)(ck + ((int64_t)((t0 + t) / SUB) * D + d) * N + 4 * j) = make_float4(h[0], h[1], h[2], h[3]);
+        __stwb((float4 *)(ck + ((int64_t)((t0 + t) / SUB) * D + d) * N + 4 * j), make_float4(h[0], h[1], h[2], h[3]));
       const float dt = dt_s[t * CH + c], du = dt * IO::load(u_r[t * CH + c]), keep = RESET ? rs_s[t] : 1.0f;
       const float4 bv = load4<IO>(B_r + t * N + 4 * j);
       h[0] = fmaf(ex2_ftz(dt * a2[0]), h[0] * keep, du * bv.x);
