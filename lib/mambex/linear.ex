@@ -56,10 +56,14 @@ defmodule Mambex.Linear do
   ## Performance
 
   CUDA runs cuBLASLt, the bias folded into the GEMM's epilogue (the forward
-  is one kernel); the backward is two GEMMs and a column sum. On an H200,
-  x `{15360, 256}` · w `{256, 1024}` + bias takes 41 µs forward / 109 µs
-  backward with `:tf32` (the backward measured before its dx GEMM went from
-  33.5 to 30.9 µs), 195 / 371 µs with `:fp32`, 24 / 55 µs in bf16.
+  is one kernel); the backward is two GEMMs and a column sum. Large `:tf32`
+  forwards with k of 64, 128 or 256 and n a multiple of 128 run our own
+  Hopper (sm_90) wgmma kernel instead, also one kernel with the bias. On an
+  H200, x `{15360, 256}` · w `{256, 1024}` + bias takes 35 µs forward /
+  109 µs backward with `:tf32`, 194 / 374 µs with `:fp32`, 24 / 55 µs in
+  bf16. With `:tf32`, results are also bit-identical from run to run, but
+  the two kernels round differently, so a forward at a shape the wgmma
+  kernel takes need not match cuBLASLt's bits.
   The CPU runs a blocked GEMM (packed panels, a register-tiled micro-kernel
   in AVX-512, AVX2+FMA or SSE, chosen at run time) threaded over blocks of
   the output: about 190 GFLOP/s f32 on the 2-core CI machine and 1 TFLOP/s
