@@ -169,34 +169,31 @@ int main(int argc, char **argv) {
     oc.g.bias = b;
     oc.sms = prop.multiProcessorCount;
     const int applies = gemm_tf32_applies(&oc.g, prop.major, prop.minor, oc.sms);
-    {
-      CK(cudaMemset(c, 0xff, m * n * 4));
-      run_ours(&oc);
-      CK(cudaDeviceSynchronize());
-      CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
-      const double err = check(hc, ha, hw, hb, m, n, k);
-      CK(cudaMemset(c, 0, m * n * 4));
-      run_ours(&oc);
-      CK(cudaDeviceSynchronize());
-      CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
-      CK(cudaMemset(c, 0xff, m * n * 4));
-      run_ours(&oc);
-      CK(cudaDeviceSynchronize());
-      CK(cudaMemcpy(hc2, c, m * n * 4, cudaMemcpyDeviceToHost));
-      const int same = memcmp(hc, hc2, m * n * 4) == 0;
-      double om, o10, o90, bm, b10, b90;
-      timeit(run_ours, &oc, runs, &om, &o10, &o90);
-      blas_ctx bc = {h, a, w, c, (int)m, (int)n, (int)k};
-      timeit(run_blas, &bc, runs, &bm, &b10, &b90);
-      CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
-      const double berr = check(hc, ha, hw, NULL, m, n, k);
-      printf("m %6lld n %5lld k %4lld applies %d | ours err %.1e rerun %s  "
-             "median %7.2f us p10 %7.2f p90 %7.2f | cublas err %.1e median %7.2f p10 %7.2f "
-             "p90 %7.2f\n",
-             (long long)m, (long long)n, (long long)k, applies, err,
-             same ? "same" : "DIFF", om, o10, o90, berr, bm, b10, b90);
-      fflush(stdout);
-    }
+    CK(cudaMemset(c, 0xff, m * n * 4));
+    run_ours(&oc);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
+    const double err = check(hc, ha, hw, hb, m, n, k);
+    CK(cudaMemset(c, 0, m * n * 4));
+    run_ours(&oc);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemset(c, 0xff, m * n * 4));
+    run_ours(&oc);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(hc2, c, m * n * 4, cudaMemcpyDeviceToHost));
+    const int same = memcmp(hc, hc2, m * n * 4) == 0;
+    double om, o10, o90, bm, b10, b90;
+    timeit(run_ours, &oc, runs, &om, &o10, &o90);
+    blas_ctx bc = {h, a, w, c, (int)m, (int)n, (int)k};
+    timeit(run_blas, &bc, runs, &bm, &b10, &b90);
+    CK(cudaMemcpy(hc, c, m * n * 4, cudaMemcpyDeviceToHost));
+    const double berr = check(hc, ha, hw, NULL, m, n, k);
+    printf("m %6lld n %5lld k %4lld applies %d | ours err %.1e rerun %s  "
+           "median %7.2f us p10 %7.2f p90 %7.2f | cublas err %.1e median %7.2f p10 %7.2f "
+           "p90 %7.2f\n",
+           (long long)m, (long long)n, (long long)k, applies, err,
+           same ? "same" : "DIFF", om, o10, o90, berr, bm, b10, b90);
     fflush(stdout);
     cudaFree(a);
     cudaFree(w);
