@@ -195,6 +195,46 @@ defmodule Mambex.InferTest do
     end
 
     @tag :cuda
+    test "cluster kernel: one row, odd sizes, two scan pairs a thread, resets, from a state; bit-identical reruns" do
+      device = cuda_device()
+
+      # Each model's one-row stepper must run on the cluster kernel (else the
+      # runs below would test the step kernel). The sizes reach its corners:
+      # one state (lp 1) and no conv state; d_model not a multiple of 4 (the
+      # scalar push) with a cluster of 4; a block of one channel with 32
+      # states; 32 channels x 32 states (two scan pairs a thread); features
+      # and outputs that do not divide by the cluster.
+      cases = [
+        @small,
+        [features: 5, outputs: 3, d_model: 16, n_layers: 1, d_state: 1, d_conv: 1],
+        [features: 13, outputs: 9, d_model: 22, n_layers: 2, d_state: 7, d_conv: 2],
+        [features: 3, outputs: 2, d_model: 8, n_layers: 2, d_state: 32, d_conv: 8],
+        [features: 9, outputs: 64, d_model: 40, n_layers: 4, d_state: 16, d_conv: 4, dt_rank: 3],
+        [features: 300, outputs: 70, d_model: 256, n_layers: 2, d_state: 16, d_conv: 4],
+        [features: 17, outputs: 6, d_model: 256, n_layers: 1, d_state: 32, d_conv: 4]
+      ]
+
+      for opts <- cases do
+        {_, m32} = model_pair(opts, device, 8)
+        st = Stepper.new(m32, 1)
+        assert Stepper.info(st).kernel == :cluster, "#{inspect(opts)}"
+        Stepper.free(st)
+        step_kernel_run(opts, 1, 4, 0, device)
+      end
+
+      {_, m32} = model_pair(@small, device)
+      {_, x32} = rand_inputs(1, 1, 7, 9)
+      x = Tensor.to_device(x32, device)
+      {cfg, top, layers} = Model.fused_args(m32, 0)
+      {a, _} = NIF.infer(cfg, top, layers, x, nil, nil, false)
+
+      for _ <- 1..3 do
+        {b, _} = NIF.infer(cfg, top, layers, x, nil, nil, false)
+        assert Tensor.to_binary(b) == Tensor.to_binary(a)
+      end
+    end
+
+    @tag :cuda
     test "step kernel: chosen for one step of at most 8 rows; asked-for channels it cannot use raise" do
       device = cuda_device()
       {_, m32} = model_pair(@small, device)

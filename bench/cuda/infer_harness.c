@@ -50,6 +50,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   int (*trace)(long long *, int) = (int (*)(long long *, int))dlsym(so, "mx_infer_step_trace");
+  int (*ctrace)(long long *, int) = (int (*)(long long *, int))dlsym(so, "mx_infer_cluster_trace");
   const int NL = argc > 2 ? atoi(argv[2]) : 2, B = argc > 3 ? atoi(argv[3]) : 1,
             runs = argc > 4 ? atoi(argv[4]) : 200;
   const int F = 256, DM = 256, DI = 512, N = 16, W = 4, RK = 16, O = 64;
@@ -94,7 +95,8 @@ int main(int argc, char **argv) {
   const struct {
     const char *name;
     int blocks, channels;
-  } cfg[] = {{"auto", 0, 0},       {"step c=4", 0, 4},   {"step c=8", 0, 8},
+  } cfg[] = {{"auto", 0, 0}, /* batch 1: the cluster kernel */
+             {"step c=4", 0, 4},   {"step c=8", 0, 8},
              {"step c=16", 0, 16}, {"general auto", 0, -1}, {"general 132", 132, -1}};
   printf("layers %d batch %d: median device us of one step (%d runs)\n", NL, B, runs);
   for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++) {
@@ -106,6 +108,33 @@ int main(int argc, char **argv) {
     }
     printf("%-14s %8.2f\n", cfg[i].name, time_infer(&a, runs));
     fflush(stdout);
+  }
+
+  if (ctrace && B == 1) {
+    /* the cluster kernel: 0 start, 1 input product, 2 its barrier; layer l:
+     * 3 + 6l gathered and normed, +1 in_proj and conv, +2 x_proj pushed,
+     * +3 x barrier, +4 scan, +5 s barrier; 3 + 6 NL the end */
+    const int EV = 64, nb = 16;
+    a.blocks = 0;
+    a.step_channels = 0;
+    OK(G->infer(0, &a, &E));
+    OK(G->sync(0, &E));
+    long long *t = calloc((size_t)nb * EV, sizeof(long long));
+    if (ctrace(t, nb)) {
+      fprintf(stderr, "cluster trace read failed\n");
+      return 1;
+    }
+    const int last = 3 + 6 * NL < EV ? 3 + 6 * NL : EV - 1;
+    printf("cluster trace: event: block-0 cycles since its start / max over blocks\n");
+    for (int e = 1; e <= last; e++) {
+      long long mx = 0;
+      for (int b = 0; b < nb; b++) {
+        const long long d = t[b * EV + e] - t[b * EV];
+        if (d > mx) mx = d;
+      }
+      printf("  ev %2d %8lld %8lld\n", e, t[e] - t[0], mx);
+    }
+    free(t);
   }
 
   if (trace) {

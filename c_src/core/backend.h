@@ -288,7 +288,7 @@ typedef struct {
  * dt_rank + 2 d_state <= MX_INFER_MAX_K. */
 #define MX_INFER_MAX_LAYERS 16
 #define MX_INFER_MAX_K 2048
-enum { MX_PLAN_GRAPHED = 1, MX_PLAN_STEP_KERNEL = 2 };
+enum { MX_PLAN_GRAPHED = 1, MX_PLAN_STEP_KERNEL = 2, MX_PLAN_CLUSTER_KERNEL = 4 };
 
 typedef struct {
   const void *norm_w;   /* (DM) */
@@ -314,7 +314,8 @@ typedef struct {
   int blocks;           /* CUDA: the general kernel with this many persistent blocks (0: the
                          * backend's choice) */
   int step_channels;    /* CUDA: the step kernel (len 1, batch <= 8) with this many channels
-                         * per block; 0: the backend's choice, -1: never the step kernel */
+                         * per block; 0: the backend's choice (the cluster kernel for one
+                         * row, else the step kernel when it fits), -1: the general kernel */
   double eps;
   const void *in_w;     /* (F, DM) */
   const void *in_b;     /* (DM) */
@@ -455,7 +456,8 @@ typedef struct mx_backend {
    * infer_plan_free waits for the plan's last run. *device_bytes: the
    * device memory the plan holds (for the memory statistics).
    * infer_plan_flags: MX_PLAN_GRAPHED when runs replay a CUDA graph (else
-   * they launch directly), MX_PLAN_STEP_KERNEL when the step kernel runs. */
+   * they launch directly), MX_PLAN_STEP_KERNEL when the step kernel runs,
+   * MX_PLAN_CLUSTER_KERNEL when the cluster kernel runs. */
   int (*infer_plan_new)(int dev, const mx_infer_args *a, void **plan, void **host_in,
                         void **host_out, size_t *device_bytes, mx_err *err);
   int (*infer_plan_run)(int dev, void *plan, mx_err *err);

@@ -512,17 +512,26 @@ static int infer_setup(mx_cuda_dev *d, mx_err *err) {
 typedef struct {
   if_params p;
   int step;         /* 1: the step kernel (infer_step.cu) */
+  int cluster;      /* 1: the cluster kernel (infer_cluster.cu) */
   unsigned blocks;  /* the general kernel's grid */
   size_t scratch;   /* floats of device scratch */
 } if_run;
 
-/* Chooses the kernel under d->mu (after infer_setup). The step kernel runs
- * one step of at most IS_MAX_ROWS rows when its slices fit; blocks > 0 or
- * step_channels == -1 ask for the general kernel, step_channels > 0 for the
- * step kernel with that many channels per block. */
+/* Chooses the kernel under d->mu (after infer_setup). Left to the backend
+ * (blocks and step_channels 0), one step of one row runs on the cluster
+ * kernel when it applies; else one step of at most IS_MAX_ROWS rows on the
+ * step kernel when its slices fit; blocks > 0 or step_channels == -1 ask
+ * for the general kernel, step_channels > 0 for the step kernel with that
+ * many channels per block. */
 static int configure(mx_cuda_dev *d, const mx_infer_args *a, if_run *run, mx_err *err) {
   fill_params(&run->p, a, g_bar[d->index]);
   run->step = 0;
+  run->cluster = 0;
+  if (a->blocks == 0 && a->step_channels == 0 && infer_cluster_configure(d, &run->p)) {
+    run->cluster = 1;
+    run->scratch = 4; /* it needs none; a plan still owns a (tiny) buffer */
+    return MX_OK;
+  }
   if (a->blocks == 0 && a->step_channels >= 0) {
     const char *why = NULL;
     int ok = infer_step_configure(&run->p, a->step_channels, d->sm_count,
@@ -555,6 +564,7 @@ static int configure(mx_cuda_dev *d, const mx_infer_args *a, if_run *run, mx_err
 /* Carves the kernel's scratch out of `scratch` (run->scratch floats). */
 static void set_scratch(if_run *run, float *scratch) {
   if_params *p = &run->p;
+  if (run->cluster) return;
   if (run->step) {
     p->part_s = scratch;
     p->part_x = scratch + (size_t)p->groups * p->B * p->DM;
@@ -576,6 +586,7 @@ static void set_scratch(if_run *run, float *scratch) {
 }
 
 static int launch(mx_cuda_dev *d, const if_run *run, cudaStream_t stream, mx_err *err) {
+  if (run->cluster) return infer_cluster_launch(d, &run->p, stream, err);
   if (run->step) return infer_step_launch(d, &run->p, stream, err);
   return infer_coop_launch(d, infer_kernel, run->blocks, (size_t)g_smem_set[d->index], stream, &run->p, err);
 }
@@ -740,10 +751,11 @@ extern "C" void mx_cuda_infer_plan_free(int dev, void *plan) {
   plan_release(d, pl);
 }
 
-/* Whether a plan replays a CUDA graph and runs the step kernel (tests and
+/* Whether a plan replays a CUDA graph and which kernel it runs (tests and
  * benchmarks report it). */
 extern "C" int mx_cuda_infer_plan_flags(const void *plan) {
   const if_plan *pl = (const if_plan *)plan;
   if (!pl) return 0;
-  return (pl->exec ? MX_PLAN_GRAPHED : 0) | (pl->run.step ? MX_PLAN_STEP_KERNEL : 0);
+  return (pl->exec ? MX_PLAN_GRAPHED : 0) | (pl->run.step ? MX_PLAN_STEP_KERNEL : 0) |
+         (pl->run.cluster ? MX_PLAN_CLUSTER_KERNEL : 0);
 }

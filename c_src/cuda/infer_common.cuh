@@ -2,7 +2,8 @@
  * infer_common.cuh: what the two fused-inference kernels share: the kernel
  * parameters, the grid barrier and small math helpers. infer.cu has the
  * general kernel (any rows) and the host side (dispatch, plans);
- * infer_step.cu the step kernel (len 1, a few rows).
+ * infer_step.cu the step kernel (len 1, a few rows); infer_cluster.cu the
+ * cluster kernel (len 1, one row).
  *
  * Invariants of the grid barrier: every block of the grid is co-resident
  * (cooperative launch); bar = {arrivals, exits} in device memory, zero
@@ -39,6 +40,25 @@ typedef struct {
   int nslots, w_inp, w_head, norm_f, s, act, xz, xc, dbc, delta, y, cst, rstd, rst, red, total;
 } is_layout;
 
+/* One product of the cluster kernel, out[j] = sum_r v[r] w[r][j] for
+ * j < ncols: thread t takes column t % ncols and rows [s rps, (s+1) rps) of
+ * slice s = t / ncols < S; the S slice sums are added in order. */
+typedef struct {
+  int ncols, S, rps;
+} ic_geo;
+
+/* Shared-memory layout of the cluster kernel, offsets in floats: two slots
+ * of a block's small per-layer weights, then the partial sums other blocks
+ * push, then the activations. */
+typedef struct {
+  /* within a slot */
+  int norm_w, conv_w, conv_b, x_w, dt_w, dt_b, a_log, d, slot;
+  /* after the two slots */
+  int recv_s, recv_x, s, sn, xs, xc, z, y, dbc, red, wsum, total;
+  ic_geo g_inp, g_in, g_x, g_out, g_head; /* input projection, in_proj, x_proj, out_proj, head */
+  int cs;                                 /* blocks of the cluster (the grid) */
+} ic_layout;
+
 typedef struct {
   int B, L, F, DM, DI, N, W, RK, O, NL;
   int lp;   /* lanes per scan channel (power of two >= N, <= 32) */
@@ -52,7 +72,7 @@ typedef struct {
   float *s, *xi, *z, *xc, *dbc, *y;
   unsigned *bar;
   if_layer layer[MX_INFER_MAX_LAYERS];
-  /* the step kernel (infer_step.cu) only */
+  /* the step kernel (infer_step.cu) and the cluster kernel (infer_cluster.cu) */
   int cpb;      /* channels per group (block) */
   int groups;   /* ceil(DI / cpb) = the grid */
   int fpg;      /* input features per group (the input projection's K split) */
@@ -60,6 +80,7 @@ typedef struct {
   int vec;      /* 1: weights staged in 16-byte chunks (sizes and pointers allow it) */
   is_layout sl; /* its shared-memory layout */
   float *part_s, *part_x; /* per-group partial sums: (groups, B, DM), (groups, B, RK + 2N) */
+  ic_layout cl; /* the cluster kernel's layout */
 } if_params;
 
 /* ---------------------------------------------------------------- barrier */
@@ -146,5 +167,15 @@ int infer_step_launch(mx_cuda_dev *d, const if_params *p, cudaStream_t stream, m
 /* The step kernel's attribute set-up under d->mu (for `rows` rows); its
  * co-resident limit for `smem` bytes into *max_blocks. */
 int infer_step_setup(mx_cuda_dev *d, int rows, size_t smem, int *max_blocks, mx_err *err);
+
+/* ---------------------------------------------------- the cluster kernel */
+
+/* Fills p's cluster fields (p's sizes already set); 1 when the cluster
+ * kernel (one step of one row) applies, fits in the device's shared memory
+ * and one cluster of its size can be resident, else 0 (a driver's refusal
+ * included: it is a "no", not an error). Under d->mu. */
+int infer_cluster_configure(mx_cuda_dev *d, if_params *p);
+/* Launches the cluster kernel on `stream` (one cluster of p->cl.cs blocks). */
+int infer_cluster_launch(mx_cuda_dev *d, const if_params *p, cudaStream_t stream, mx_err *err);
 
 #endif

@@ -510,7 +510,9 @@ ERL_NIF_TERM nif_infer_plan_info(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
   return enif_make_tuple5(env, enif_make_int64(env, p->batch),
                           (flags & MX_PLAN_GRAPHED) ? A_TRUE : A_FALSE, enif_make_uint64(env, bytes),
                           live ? A_TRUE : A_FALSE,
-                          enif_make_atom(env, (flags & MX_PLAN_STEP_KERNEL) ? "step" : "general"));
+                          enif_make_atom(env, (flags & MX_PLAN_CLUSTER_KERNEL) ? "cluster"
+                                              : (flags & MX_PLAN_STEP_KERNEL)  ? "step"
+                                                                               : "general"));
 }
 
 ERL_NIF_TERM nif_infer_plan_free(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {

@@ -55,9 +55,11 @@ defmodule Mambex.Stepper do
   (copied; the given one is not changed); `:fused` — `:auto` (the default:
   the captured plan where possible and the batch is at most 8), `true` (insist: ArgumentError where
   impossible) or `false` (op by op). For tuning (the defaults, 0, let the
-  backend choose): `:blocks` — run the general fused kernel with this many
+  backend choose: the cluster kernel for one agent, the step kernel for up
+  to 8): `:blocks` — run the general fused kernel with this many
   persistent blocks; `:step_channels` — run the step kernel (batch <= 8)
-  with this many channels of `d_inner` per block, or -1 for never.
+  with this many channels of `d_inner` per block, or -1 for the general
+  kernel.
   """
   @spec new(Model.t(), pos_integer(), keyword()) :: t()
   def new(%Model{} = model, batch, opts \\ []) do
@@ -202,8 +204,10 @@ defmodule Mambex.Stepper do
   @doc """
   `%{mode: :graph | :ops, batch:, graphed:, device_bytes:, kernel:}`:
   `graphed` is false when the driver refused to record the plan as a CUDA
-  graph (the plan then launches its kernel per frame); `kernel` is `:step`
-  (the kernel for one step of a few rows), `:general` or, op by op, `nil`.
+  graph (the plan then launches its kernel per frame); `kernel` is
+  `:cluster` (one row: one thread-block cluster exchanging partial sums
+  through its shared memory), `:step` (the kernel for one step of a few
+  rows), `:general` or, op by op, `nil`.
   """
   @spec info(t()) :: map()
   def info(%__MODULE__{mode: :graph, plan: plan, batch: b}) do
