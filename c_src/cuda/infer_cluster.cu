@@ -281,10 +281,15 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
     if (i < L.xs || i >= L.xs + L.g_inp.S * L.g_inp.rps + IC_PW) sm[i] = 0.0f;
 
   float wi[IC_PW], w_in[IC_PW_IN], w_out[IC_PW], h[IC_PAIRS];
+  TRACE(32);
   panel_load(wi, L.g_inp, p.in_w + (size_t)(vf > 0 ? f0 : 0) * DM, NULL, DM, DM, vf, DM);
+  TRACE(33);
   stage_small(p, &p.layer[0], g, slot0);
+  TRACE(34);
   panel_load(w_in, L.g_in, p.layer[0].in_x_w + c0, p.layer[0].in_z_w + c0, C, DI, DM, 2 * C);
+  TRACE(35);
   __syncthreads();
+  TRACE(36);
   panel_apply(wi, L.g_inp, sm + L.xs, red);
   __syncthreads();
   TRACE(1);
@@ -300,6 +305,7 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
     float *next = (l & 1) ? slot0 : slot1;
     /* phase A. First what phase B and the conv need from memory. */
     panel_load(w_out, L.g_out, ly->out_w + (size_t)c0 * DM, NULL, DM, DM, C, DM);
+    if (l < 2) TRACE(40 + 8 * l);
 #pragma unroll
     for (int q = 0; q < IC_PAIRS; q++) {
       const int t = tid + q * IC_THREADS, c = t / lp, n = t - c * lp;
@@ -310,6 +316,7 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
     for (int i = 0; i < IF_MAX_W - 1; i++)
       cst[i] = (tid < C && i < W1 && ly->conv_in) ? __ldcg(ly->conv_in + (size_t)(c0 + tid) * W1 + i) : 0.0f;
 
+    if (l < 2) TRACE(41 + 8 * l);
     const float rstd = gather_norm(p, sm, in_b, tid < DM ? slot[L.norm_w + tid] : 0.0f, l == 0);
     TRACE(3 + 6 * l);
 
@@ -344,8 +351,10 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
     if (l + 1 < p.NL) {
       const if_layer *nx = &p.layer[l + 1];
       panel_load(w_in, L.g_in, nx->in_x_w + c0, nx->in_z_w + c0, C, DI, DM, 2 * C);
+      if (l < 2) TRACE(42 + 8 * l);
       stage_small(p, nx, g, next);
     }
+    if (l < 2) TRACE(43 + 8 * l);
 
     /* partial x_proj over own channels -> recv_x[g] of every block */
     {
@@ -358,6 +367,7 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
         red[s * q.ncols + j] = acc;
       }
       __syncthreads();
+      if (l < 2) TRACE(44 + 8 * l);
       for (int j2 = tid; j2 < NX; j2 += IC_THREADS) {
         const float v = panel_total(q, red, j2);
         for (int r = 0; r < cs; r++) st_cluster(cluster_addr(sm + L.recv_x + g * NX + j2, r), v);
@@ -374,6 +384,7 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
       sm[L.dbc + j] = a;
     }
     __syncthreads();
+    if (l < 2) TRACE(45 + 8 * l);
     /* delta (each of a channel's lanes computes it), the scan, the gate */
     {
       const float *dbc = sm + L.dbc;
@@ -400,9 +411,11 @@ static __global__ void __launch_bounds__(IC_THREADS, 1) infer_cluster_kernel(if_
     /* partial out_proj over own channels -> recv_s[g] of every block */
     panel_apply(w_out, L.g_out, sm + L.y, red);
     __syncthreads();
+    if (l < 2) TRACE(46 + 8 * l);
     if (l + 1 == p.NL) /* the head's slice, into the registers out_proj freed */
       panel_load(w_out, L.g_head, p.head_w + (vo > 0 ? o0 : 0), NULL, p.cpo, p.O, DM, vo);
     push_s(p, L.g_out, red, sm + L.recv_s + g * DM);
+    if (l < 2) TRACE(47 + 8 * l);
     cp_wait_all(); /* layer l + 1's slot */
     cluster_sync();
     TRACE(8 + 6 * l);
